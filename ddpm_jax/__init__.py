@@ -6,5 +6,24 @@ parameterizations, weighted ELBO, bits/dim) and `sampling` (reverse chains under
 """
 
 from ddpm_jax import diffusion, schedules
+from ddpm_jax.diffusion import (
+    bits_per_dim,
+    p_mean_variance,
+    q_posterior_mean_variance,
+    q_sample,
+    training_losses,
+)
+from ddpm_jax.schedules import Schedule, get_beta_schedule, make_schedule
 
-__all__ = ["diffusion", "schedules"]
+__all__ = [
+    "Schedule",
+    "bits_per_dim",
+    "diffusion",
+    "get_beta_schedule",
+    "make_schedule",
+    "p_mean_variance",
+    "q_posterior_mean_variance",
+    "q_sample",
+    "schedules",
+    "training_losses",
+]

@@ -1,0 +1,639 @@
+"""The mathematics of DDPM as pure functions of arrays: no Flax, no config.
+
+Forward process q(x_t|x_0), true posterior q(x_{t-1}|x_t,x_0), conversions among the x_0, ε and
+v parameterizations, the reverse step p_θ(x_{t-1}|x_t) from a model output, the weighted ELBO
+used for training, and the full variational bound in bits per dimension.
+
+Conventions (DESIGN.md): `sched` is a `schedules.Schedule` of length T; timesteps `t` are int
+arrays of shape [B] with values in [0, T), index t being the paper's step t+1; images `x` are
+float arrays [B, ...] (NHWC for images) in [-1, 1]. A model is any callable
+`model_fn(x_t, t) -> prediction` with the prediction shaped like `x_t`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax.schedules import Schedule
+
+PARAMETERIZATIONS = ("x0", "eps", "v")
+VARIANCES = ("fixedsmall", "fixedlarge")
+WEIGHTINGS = ("elbo", "x0_mse", "eps_mse", "v_mse", "snr_trunc", "min_snr")
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"Unknown {name} {value!r}; expected one of {allowed}.")
+
+
+def _check_t(sched: Schedule, t: jax.Array, x: jax.Array, name: str = "t") -> jax.Array:
+    """Validates timesteps at trace time: shape [B], integer dtype, values in [0, T) if known."""
+    t = jnp.asarray(t) if not isinstance(t, jax.Array) else t
+    batch = x.shape[0] if x.ndim else None
+    if t.ndim != 1 or t.shape[0] != batch:
+        raise ValueError(
+            f"{name} must have shape [batch] = [{batch}] (one timestep per example of x with "
+            f"shape {tuple(x.shape)}), got shape {tuple(t.shape)}; no broadcasting is done."
+        )
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {t.dtype}.")
+    if not isinstance(t, jax.core.Tracer):
+        tv = np.asarray(t)
+        if tv.size and (tv.min() < 0 or tv.max() >= sched.num_timesteps):
+            raise ValueError(
+                f"{name} values must lie in [0, T) = [0, {sched.num_timesteps}), "
+                f"got min {tv.min()} and max {tv.max()}."
+            )
+    return t
+
+
+def _extract(coef: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
+    """coef[t] reshaped to [B, 1, ..., 1] so that it broadcasts against x of shape [B, ...]."""
+    return coef[t].reshape((x.shape[0],) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
+def _mean_flat(x: jax.Array) -> jax.Array:
+    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def _sum_flat(x: jax.Array) -> jax.Array:
+    return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+
+
+# --------------------------------------------------------------------------- forward process
+
+
+def q_mean_variance(
+    sched: Schedule, x0: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mean, variance and log-variance of q(x_t|x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I).
+
+    Args:
+      sched: the schedule.
+      x0: clean data, float [B, ...].
+      t: int [B] in [0, T).
+
+    Returns:
+      (mean, variance, log_variance), each float of x0's shape.
+    """
+    t = _check_t(sched, t, x0)
+    mean = _extract(sched.sqrt_alphas_cumprod, t, x0) * x0
+    # From coefficients computed in float64: 1 - ᾱ_t in float32 loses digits at small t.
+    std = _extract(sched.sqrt_one_minus_alphas_cumprod, t, x0)
+    variance = jnp.broadcast_to(jnp.square(std), x0.shape)
+    log_variance = jnp.broadcast_to(_extract(sched.log_one_minus_alphas_cumprod, t, x0), x0.shape)
+    return mean, variance, log_variance
+
+
+def q_sample(sched: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """Draws x_t ~ q(x_t|x_0) by reparameterisation: sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε.
+
+    Args:
+      sched: the schedule.
+      x0: clean data, float [B, ...].
+      t: int [B] in [0, T).
+      noise: ε ~ N(0, I), x0's shape.
+
+    Returns:
+      x_t, x0's shape and dtype.
+    """
+    t = _check_t(sched, t, x0)
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise must have x0's shape {x0.shape}, got {noise.shape}.")
+    return (
+        _extract(sched.sqrt_alphas_cumprod, t, x0) * x0
+        + _extract(sched.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+    )
+
+
+def q_posterior_mean_variance(
+    sched: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The true posterior q(x_{t-1}|x_t, x_0) = N(μ_q, σ_q² I), from Bayes' rule.
+
+    μ_q = coef1_t x_0 + coef2_t x_t and σ_q² = β_t (1 - ᾱ_{t-1})/(1 - ᾱ_t); see `Schedule`.
+
+    Args:
+      sched: the schedule.
+      x0: clean data, float [B, ...].
+      x_t: noisy data at step t, x0's shape.
+      t: int [B] in [0, T).
+
+    Returns:
+      (mean, variance, log_variance), each of x0's shape; the log-variance is clipped at the
+      first step as in Ho et al. (`posterior_log_variance_clipped`).
+    """
+    t = _check_t(sched, t, x0)
+    if x_t.shape != x0.shape:
+        raise ValueError(f"x_t must have x0's shape {x0.shape}, got {x_t.shape}.")
+    mean = (
+        _extract(sched.posterior_mean_coef1, t, x0) * x0
+        + _extract(sched.posterior_mean_coef2, t, x0) * x_t
+    )
+    variance = jnp.broadcast_to(_extract(sched.posterior_variance, t, x0), x0.shape)
+    log_variance = jnp.broadcast_to(_extract(sched.posterior_log_variance_clipped, t, x0), x0.shape)
+    return mean, variance, log_variance
+
+
+# --------------------------------------------------------------------------- parameterizations
+
+
+def eps_from_x0(sched: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
+    """ε implied by x_0 at x_t: (x_t - sqrt(ᾱ_t) x_0)/sqrt(1 - ᾱ_t)."""
+    t = _check_t(sched, t, x_t)
+    return (x_t - _extract(sched.sqrt_alphas_cumprod, t, x_t) * x0) / _extract(
+        sched.sqrt_one_minus_alphas_cumprod, t, x_t
+    )
+
+
+def x0_from_eps(sched: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+    """x_0 implied by ε at x_t: x_t/sqrt(ᾱ_t) - sqrt(1/ᾱ_t - 1) ε."""
+    t = _check_t(sched, t, x_t)
+    return (
+        _extract(sched.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+        - _extract(sched.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+    )
+
+
+def v_from_x0_eps(sched: Schedule, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
+    """The velocity v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho)."""
+    t = _check_t(sched, t, x0)
+    return (
+        _extract(sched.sqrt_alphas_cumprod, t, x0) * eps
+        - _extract(sched.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+    )
+
+
+def x0_from_v(sched: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
+    """x_0 implied by v at x_t: sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v."""
+    t = _check_t(sched, t, x_t)
+    return (
+        _extract(sched.sqrt_alphas_cumprod, t, x_t) * x_t
+        - _extract(sched.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+    )
+
+
+def eps_from_v(sched: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
+    """ε implied by v at x_t: sqrt(1 - ᾱ_t) x_t + sqrt(ᾱ_t) v."""
+    t = _check_t(sched, t, x_t)
+    return (
+        _extract(sched.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
+        + _extract(sched.sqrt_alphas_cumprod, t, x_t) * v
+    )
+
+
+def prediction_to_x0(
+    sched: Schedule, x_t: jax.Array, t: jax.Array, prediction: jax.Array, parameterization: str
+) -> jax.Array:
+    """x̂_0 from a model's prediction in the given parameterization ("x0", "eps" or "v")."""
+    _check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
+    if prediction.shape != x_t.shape:
+        raise ValueError(
+            f"The model prediction must have x_t's shape {x_t.shape}, got {prediction.shape}."
+        )
+    if parameterization == "x0":
+        return prediction
+    if parameterization == "eps":
+        return x0_from_eps(sched, x_t, t, prediction)
+    return x0_from_v(sched, x_t, t, prediction)
+
+
+def x0_to_prediction(
+    sched: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array, parameterization: str
+) -> jax.Array:
+    """The prediction target in `parameterization` that corresponds to x_0 at x_t."""
+    _check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
+    if parameterization == "x0":
+        return x0
+    eps = eps_from_x0(sched, x_t, t, x0)
+    if parameterization == "eps":
+        return eps
+    return v_from_x0_eps(sched, x0, eps, t)
+
+
+# --------------------------------------------------------------------------- reverse process
+
+
+class PMeanVariance(NamedTuple):
+    """p_θ(x_{t-1}|x_t) = N(mean, variance I) and the x̂_0 it was built from; x_t's shape."""
+
+    mean: jax.Array
+    variance: jax.Array
+    log_variance: jax.Array
+    pred_x0: jax.Array
+
+
+def model_variance(
+    sched: Schedule, t: jax.Array, x: jax.Array, variance: str
+) -> tuple[jax.Array, jax.Array]:
+    """Fixed reverse-process variance and log-variance at t, each [B, 1, ..., 1].
+
+    "fixedsmall": σ_t² = σ_q², the true posterior variance (0 at t = 0), with Ho et al.'s
+    clipped log-variance (the second step's value at t = 0). "fixedlarge": σ_t² = β_t, except
+    at t = 0, where Ho et al. use the second step's posterior variance so that the decoder's
+    log-variance is the same under both choices (β_1 when T = 1).
+    """
+    t = _check_t(sched, t, x)
+    _check_choice(variance, VARIANCES, "variance")
+    if variance == "fixedsmall":
+        return (
+            _extract(sched.posterior_variance, t, x),
+            _extract(sched.posterior_log_variance_clipped, t, x),
+        )
+    if sched.num_timesteps == 1:
+        large = sched.betas
+    else:
+        large = jnp.concatenate([sched.posterior_variance[1:2], sched.betas[1:]])
+    return _extract(large, t, x), _extract(jnp.log(large), t, x)
+
+
+def p_mean_variance(
+    sched: Schedule,
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    *,
+    parameterization: str = "x0",
+    variance: str = "fixedsmall",
+    clip_denoised: bool = False,
+) -> PMeanVariance:
+    """The reverse step p_θ(x_{t-1}|x_t) from a model's output.
+
+    The mean has the true posterior's form with x̂_0 in place of x_0:
+    μ_θ = coef1_t x̂_0 + coef2_t x_t (the x_0-parameterization; ε and v predictions are first
+    converted to the x̂_0 they imply).
+
+    Args:
+      sched: the schedule.
+      model_output: the model's prediction at (x_t, t), x_t's shape.
+      x_t: noisy data, float [B, ...].
+      t: int [B] in [0, T).
+      parameterization: what the model predicts: "x0", "eps" or "v".
+      variance: "fixedsmall" or "fixedlarge" (see `model_variance`).
+      clip_denoised: clip x̂_0 to [-1, 1] before forming the mean.
+
+    Returns:
+      `PMeanVariance(mean, variance, log_variance, pred_x0)`, each of x_t's shape.
+    """
+    t = _check_t(sched, t, x_t)
+    pred_x0 = prediction_to_x0(sched, x_t, t, model_output, parameterization)
+    if clip_denoised:
+        pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
+    mean = (
+        _extract(sched.posterior_mean_coef1, t, x_t) * pred_x0
+        + _extract(sched.posterior_mean_coef2, t, x_t) * x_t
+    )
+    var, log_var = model_variance(sched, t, x_t, variance)
+    return PMeanVariance(
+        mean=mean,
+        variance=jnp.broadcast_to(var, x_t.shape),
+        log_variance=jnp.broadcast_to(log_var, x_t.shape),
+        pred_x0=pred_x0,
+    )
+
+
+# --------------------------------------------------------------------------- likelihood pieces
+
+
+def normal_kl(
+    mean1: jax.Array, logvar1: jax.Array, mean2: jax.Array, logvar2: jax.Array
+) -> jax.Array:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
+    return 0.5 * (
+        -1.0
+        + logvar2
+        - logvar1
+        + jnp.exp(logvar1 - logvar2)
+        + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
+    )
+
+
+def approx_standard_normal_cdf(x: jax.Array) -> jax.Array:
+    """Φ(x) by the tanh approximation that Ho et al.'s likelihood code uses."""
+    return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(
+    x: jax.Array, means: jax.Array, log_scales: jax.Array, *, exact_cdf: bool = False
+) -> jax.Array:
+    """log p(x) of 8-bit data in [-1, 1] under a Gaussian discretised to the 256 pixel bins.
+
+    The decoder L_0 of Ho et al.: bin i covers [x - 1/255, x + 1/255]; the edge bins extend to
+    ±∞. Elementwise, in nats.
+
+    Args:
+      x: data on the 8-bit grid scaled to [-1, 1], float [B, ...].
+      means: the Gaussian's means, x's shape.
+      log_scales: log standard deviations, broadcastable to x's shape.
+      exact_cdf: use the exact normal CDF instead of Ho et al.'s tanh approximation.
+
+    Returns:
+      log-probabilities, x's shape.
+    """
+    if x.shape != means.shape:
+        raise ValueError(f"x and means must have the same shape, got {x.shape} and {means.shape}.")
+    cdf = jax.scipy.stats.norm.cdf if exact_cdf else approx_standard_normal_cdf
+    centered = x - means
+    inv_stdv = jnp.exp(-log_scales)
+    cdf_plus = cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+    log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+    log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+    return jnp.where(
+        x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+    )
+
+
+def prior_bpd(sched: Schedule, x0: jax.Array) -> jax.Array:
+    """L_T = KL(q(x_T|x_0) || N(0, I)) in bits per dimension, per example: float32 [B]."""
+    t = jnp.full((x0.shape[0],), sched.num_timesteps - 1, dtype=jnp.int32)
+    mean, _, log_var = q_mean_variance(sched, x0, t)
+    return _mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / math.log(2.0)
+
+
+# --------------------------------------------------------------------------- training loss
+
+
+def loss_weight(
+    sched: Schedule, t: jax.Array, weighting: str, *, min_snr_gamma: float = 5.0
+) -> jax.Array:
+    """w_t, the weight on ||x̂_0 - x_0||² in the weighted ELBO; float32 [B].
+
+    "elbo": T · C_t with C_t = coef1_t²/(2 σ_q²) = (SNR_{t-1} - SNR_t)/2 for t >= 1, so that
+      w_t ||x̂_0 - x_0||² summed over dimensions is T times the KL term L_{t-1} of the bound
+      (DESIGN.md); at t = 0 (the decoder) C_0 = 1/(2 σ_0²) with Ho et al.'s decoder variance,
+      the Gaussian approximation of -log p(x_0|x_1) up to a constant.
+    "x0_mse": 1. "eps_mse": SNR_t (Ho et al.'s L_simple: ||ε̂ - ε||² = SNR_t ||x̂_0 - x_0||²).
+    "v_mse": SNR_t + 1 (||v̂ - v||²). "snr_trunc": max(SNR_t, 1). "min_snr": min(SNR_t, γ).
+    """
+    _check_choice(weighting, WEIGHTINGS, "weighting")
+    snr = sched.snr[t]
+    if weighting == "elbo":
+        decoder_var = jnp.exp(sched.posterior_log_variance_clipped[0])
+        safe_var = jnp.where(t == 0, 1.0, sched.posterior_variance[t])  # σ_q² = 0 at t = 0.
+        c = jnp.where(
+            t == 0, 0.5 / decoder_var, sched.posterior_mean_coef1[t] ** 2 / (2.0 * safe_var)
+        )
+        return sched.num_timesteps * c
+    if weighting == "x0_mse":
+        return jnp.ones_like(snr)
+    if weighting == "eps_mse":
+        return snr
+    if weighting == "v_mse":
+        return snr + 1.0
+    if weighting == "snr_trunc":
+        return jnp.maximum(snr, 1.0)
+    return jnp.minimum(snr, min_snr_gamma)
+
+
+def _native_scale(sched: Schedule, t: jax.Array, parameterization: str) -> jax.Array:
+    """λ_t with ||pred - target||² = λ_t ||x̂_0 - x_0||² in the given parameterization, [B]."""
+    snr = sched.snr[t]
+    return {"x0": jnp.ones_like(snr), "eps": snr, "v": snr + 1.0}[parameterization]
+
+
+class Losses(NamedTuple):
+    """Per-example training losses and the timesteps they were drawn at."""
+
+    loss: jax.Array  # float32 [B]
+    t: jax.Array  # int32 [B]
+
+
+def training_losses(
+    model_fn: ModelFn,
+    sched: Schedule,
+    x0: jax.Array,
+    key: jax.Array,
+    *,
+    parameterization: str = "x0",
+    weighting: str = "elbo",
+    min_snr_gamma: float = 5.0,
+    t: jax.Array | None = None,
+    noise: jax.Array | None = None,
+) -> Losses:
+    """One-sample estimate of the weighted ELBO E_t w_t ||x̂_θ(x_t, t) - x_0||², per example.
+
+    Draws t ~ U{0, …, T-1} and ε ~ N(0, I), forms x_t = q_sample(x_0, t, ε) and compares the
+    model's prediction with its target. The error is measured in the model's own
+    parameterization and rescaled exactly (||ε̂ - ε||² = SNR_t ||x̂_0 - x_0||², ||v̂ - v||² =
+    (SNR_t + 1) ||x̂_0 - x_0||²), so every parameterization gives the same loss for the same x̂_0
+    without dividing by a vanishing sqrt(ᾱ_t).
+
+    With weighting="elbo" the loss is summed over dimensions and is, in nats, an unbiased
+    estimate of the bound's diffusion terms Σ_{t>=1} L_{t-1} (plus the Gaussian approximation of
+    the decoder term at t = 0). Every other weighting is a mean over dimensions (a mean squared
+    error, Ho et al.'s convention for L_simple).
+
+    Args:
+      model_fn: `model_fn(x_t, t) -> prediction`, x_t's shape.
+      sched: the schedule.
+      x0: clean data, float [B, ...].
+      key: PRNG key for t and ε.
+      parameterization: what the model predicts: "x0", "eps" or "v".
+      weighting: one of `WEIGHTINGS` (see `loss_weight`).
+      min_snr_gamma: γ of "min_snr".
+      t: optional int [B] timesteps to use instead of drawing them.
+      noise: optional ε, x0's shape, to use instead of drawing it.
+
+    Returns:
+      `Losses(loss=float32 [B], t=int32 [B])`.
+    """
+    _check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
+    _check_choice(weighting, WEIGHTINGS, "weighting")
+    t_key, noise_key = jax.random.split(key)
+    if t is None:
+        t = jax.random.randint(t_key, (x0.shape[0],), 0, sched.num_timesteps, dtype=jnp.int32)
+    t = _check_t(sched, t, x0)
+    if noise is None:
+        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+    x_t = q_sample(sched, x0, t, noise)
+    prediction = model_fn(x_t, t)
+    if prediction.shape != x0.shape:
+        raise ValueError(
+            f"model_fn must return x_t's shape {x0.shape}, got {prediction.shape}; a model with "
+            "a learned variance returns more channels, which this loss does not use."
+        )
+    target = x0_to_prediction(sched, x_t, t, x0, parameterization)
+    sq = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+    err = _sum_flat(sq) if weighting == "elbo" else _mean_flat(sq)
+    w = loss_weight(sched, t, weighting, min_snr_gamma=min_snr_gamma)
+    return Losses(loss=w / _native_scale(sched, t, parameterization) * err, t=t)
+
+
+# --------------------------------------------------------------------------- bits per dimension
+
+
+class BitsPerDim(NamedTuple):
+    """The variational bound per example, in bits per dimension.
+
+    `total` = `prior` + `decoder` + `diffusion`, where `terms[:, 0]` = `decoder` = L_0
+    (-log p_θ(x_0|x_1)), `terms[:, t]` = L_t (the KL at step t, t >= 1), `diffusion` =
+    Σ_{t>=1} L_t, and `prior` = L_T. Shapes: [B], and [B, T] for `terms`.
+    """
+
+    total: jax.Array
+    prior: jax.Array
+    decoder: jax.Array
+    diffusion: jax.Array
+    terms: jax.Array
+
+
+def _vb_term_bpd(
+    model_fn: ModelFn,
+    sched: Schedule,
+    x0: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    *,
+    parameterization: str,
+    variance: str,
+    clip_denoised: bool,
+) -> jax.Array:
+    """L_t of the bound in bits/dim, per example [B]: the decoder NLL at t = 0, else the KL."""
+    true_mean, _, true_log_var = q_posterior_mean_variance(sched, x0, x_t, t)
+    p = p_mean_variance(
+        sched,
+        model_fn(x_t, t),
+        x_t,
+        t,
+        parameterization=parameterization,
+        variance=variance,
+        clip_denoised=clip_denoised,
+    )
+    kl = _mean_flat(normal_kl(true_mean, true_log_var, p.mean, p.log_variance)) / math.log(2.0)
+    nll = -_mean_flat(
+        discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance)
+    ) / math.log(2.0)
+    return jnp.where(t == 0, nll, kl)
+
+
+def bits_per_dim(
+    model_fn: ModelFn,
+    sched: Schedule,
+    x0: jax.Array,
+    key: jax.Array,
+    *,
+    parameterization: str = "x0",
+    variance: str = "fixedsmall",
+    clip_denoised: bool = False,
+    timestep_chunk: int = 32,
+) -> BitsPerDim:
+    """The full variational bound -ELBO per example, in bits per dimension, over all T steps.
+
+    Evaluates L_0 (the discretised Gaussian decoder of Ho et al.), the KL terms L_1..L_{T-1}
+    with one draw of x_t ~ q(x_t|x_0) per step, and the prior term L_T. The steps run under
+    `lax.scan` in chunks of `timestep_chunk`; each chunk calls `model_fn` once on a batch of
+    `timestep_chunk · B` examples, so memory is bounded by the chunk, not by T.
+
+    Args:
+      model_fn: `model_fn(x_t, t) -> prediction`.
+      sched: the schedule.
+      x0: data on the 8-bit grid scaled to [-1, 1], float [B, ...].
+      key: PRNG key; step t uses `fold_in(key, t)`.
+      parameterization: "x0", "eps" or "v".
+      variance: "fixedsmall" or "fixedlarge".
+      clip_denoised: clip x̂_0 to [-1, 1].
+      timestep_chunk: steps evaluated per model call.
+
+    Returns:
+      `BitsPerDim` with float32 arrays of shape [B] (and [B, T] for `terms`).
+    """
+    _check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
+    _check_choice(variance, VARIANCES, "variance")
+    if timestep_chunk < 1:
+        raise ValueError(f"timestep_chunk must be >= 1, got {timestep_chunk}.")
+    T, B = sched.num_timesteps, x0.shape[0]
+    chunk = min(timestep_chunk, T)
+    num_chunks = -(-T // chunk)
+    steps = jnp.minimum(jnp.arange(num_chunks * chunk, dtype=jnp.int32), T - 1)
+
+    def chunk_terms(_, ts):  # ts: [chunk]
+        noise = jax.vmap(lambda s: jax.random.normal(jax.random.fold_in(key, s), x0.shape))(ts)
+        x0_rep = jnp.broadcast_to(x0, (chunk, *x0.shape)).reshape((chunk * B, *x0.shape[1:]))
+        t_rep = jnp.repeat(ts, B)
+        x_t = q_sample(sched, x0_rep, t_rep, noise.reshape(x0_rep.shape).astype(x0.dtype))
+        terms = _vb_term_bpd(
+            model_fn,
+            sched,
+            x0_rep,
+            x_t,
+            t_rep,
+            parameterization=parameterization,
+            variance=variance,
+            clip_denoised=clip_denoised,
+        )
+        return None, terms.reshape(chunk, B)
+
+    _, terms = jax.lax.scan(chunk_terms, None, steps.reshape(num_chunks, chunk))
+    terms = terms.reshape(num_chunks * chunk, B)[:T].T  # [B, T]
+    prior = prior_bpd(sched, x0)
+    decoder, diffusion = terms[:, 0], jnp.sum(terms[:, 1:], axis=1)
+    return BitsPerDim(
+        total=prior + decoder + diffusion,
+        prior=prior,
+        decoder=decoder,
+        diffusion=diffusion,
+        terms=terms,
+    )
+
+
+def bits_per_dim_estimate(
+    model_fn: ModelFn,
+    sched: Schedule,
+    x0: jax.Array,
+    key: jax.Array,
+    *,
+    parameterization: str = "x0",
+    variance: str = "fixedsmall",
+    clip_denoised: bool = False,
+    t_probs: jax.Array | None = None,
+) -> jax.Array:
+    """Cheap unbiased estimate of `bits_per_dim(...).total`, one model call per example.
+
+    Draws one t per example, uniformly or from `t_probs` (importance sampling), and returns
+    L_t / p(t) + L_T, whose expectation over t and x_t is the full bound.
+
+    Args:
+      model_fn, sched, x0, parameterization, variance, clip_denoised: as in `bits_per_dim`.
+      key: PRNG key for t and x_t.
+      t_probs: optional proposal over the T steps, float [T], positive, summing to 1.
+
+    Returns:
+      float32 [B]: the per-example estimate in bits per dimension.
+    """
+    _check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
+    _check_choice(variance, VARIANCES, "variance")
+    T, B = sched.num_timesteps, x0.shape[0]
+    t_key, noise_key = jax.random.split(key)
+    if t_probs is None:
+        t = jax.random.randint(t_key, (B,), 0, T, dtype=jnp.int32)
+        inv_p = jnp.full((B,), float(T))
+    else:
+        if t_probs.shape != (T,):
+            raise ValueError(f"t_probs must have shape [T] = [{T}], got {t_probs.shape}.")
+        t = jax.random.choice(t_key, T, (B,), p=t_probs).astype(jnp.int32)
+        inv_p = 1.0 / t_probs[t]
+    x_t = q_sample(sched, x0, t, jax.random.normal(noise_key, x0.shape, x0.dtype))
+    term = _vb_term_bpd(
+        model_fn,
+        sched,
+        x0,
+        x_t,
+        t,
+        parameterization=parameterization,
+        variance=variance,
+        clip_denoised=clip_denoised,
+    )
+    return inv_p * term + prior_bpd(sched, x0)
