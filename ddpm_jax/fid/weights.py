@@ -1,0 +1,443 @@
+"""FID Inception weights: fetch, verify (SHA-256), convert from PyTorch, load from `.npz`.
+
+The weights are pytorch-fid's port of the TensorFlow FID Inception graph::
+
+    https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+
+One-time conversion to the safe `.npz` format (needs `torch` on that machine only; the file is
+read with `torch.load(weights_only=True)`, which refuses arbitrary pickled objects)::
+
+    python -m ddpm_jax.fid convert --out-dir ~/.cache/ddpm_jax/fid   # source: the URL above
+    python -m ddpm_jax.fid convert ./pt_inception-2015-12-05-6726825d.pth --out-dir DIR
+
+It prints the path and full SHA-256 of the `.npz` it wrote, e.g.
+`fid_inception_v3_from_6726825d-<first 8 hex of its SHA-256>.npz`; then set
+`config.eval.inception_weights` to that path (or a URL you serve it from) and
+`config.eval.inception_sha256` to the printed digest. The `.npz` is written deterministically
+(sorted keys, fixed zip timestamps), so the same `.pth` gives byte-identical `.npz` files
+(for a given numpy `.npy` format version).
+
+Integrity policy (`verify_sha256`), applied to every file before it is read:
+* `config.eval.inception_sha256` set: the file's SHA-256 must equal it (full 64 hex digits).
+* otherwise, a file named `<stem>-<hex>.<ext>` (the torch.hub convention that pytorch-fid's
+  file follows: `6726825d` is the first 8 hex digits of its SHA-256) must have a digest that
+  starts with `<hex>`. Eight hex digits are 32 bits: enough to catch truncated or swapped
+  files, not a defence against a deliberately forged one; set the full digest for that.
+* neither: the file is refused.
+
+Nothing is unpickled: `.npz` files are read with `allow_pickle=False`, and their keys and shapes
+are checked against the network before use.
+"""
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from flax import traverse_util
+
+from ddpm_jax.fid import inception
+
+PYTORCH_FID_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+)
+# Keys of the PyTorch checkpoint that the feature extractor does not use: the 1008-way logits
+# layer, and BatchNorm's step counters (present in checkpoints saved by newer PyTorch).
+_IGNORED_TORCH_SUFFIXES = (".num_batches_tracked",)
+_IGNORED_TORCH_KEYS = frozenset({"fc.weight", "fc.bias"})
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+
+
+class InceptionWeights(NamedTuple):
+    """Loaded FID Inception weights.
+
+    Attributes:
+        variables: {"params": ..., "batch_stats": ...} float32 numpy arrays for
+            `FIDInceptionV3.apply`.
+        fingerprint: SHA-256 hex of the variables' contents (names, shapes, values):
+            the key under which reference statistics are cached.
+        path: the verified `.npz` file they came from.
+    """
+
+    variables: dict[str, Any]
+    fingerprint: str
+    path: Path
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/ddpm_jax/fid`, or `~/.cache/ddpm_jax/fid`."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(base).expanduser() / "ddpm_jax" / "fid"
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_prefix_from_name(name: str) -> str | None:
+    """The SHA-256 prefix in a torch.hub-style name `<stem>-<hex>.<ext>`, or None."""
+    match = _HASH_IN_NAME.search(os.path.basename(name))
+    return match.group(1) if match else None
+
+
+def _check_sha256_arg(sha256: str | None) -> str | None:
+    if sha256 is None or sha256 == "":
+        return None
+    sha256 = sha256.strip().lower()
+    if not _SHA256_HEX.match(sha256):
+        raise ValueError(
+            f"config.eval.inception_sha256 must be 64 hex digits (the output of `sha256sum "
+            f"FILE`), got {sha256!r}."
+        )
+    return sha256
+
+
+def verify_sha256(
+    path: str | os.PathLike, sha256: str | None = None, name: str | None = None
+) -> str:
+    """Checks a file against a full SHA-256, or else the hash prefix in its name.
+
+    Args:
+        path: the file to check.
+        sha256: expected full digest (64 hex digits), or None.
+        name: the name whose `-<hex>.` prefix applies when `sha256` is None (default: the
+            basename of `path`; a download passes the URL's file name).
+
+    Returns:
+        A one-line description of what was verified.
+
+    Raises:
+        ValueError: on a mismatch, a malformed `sha256`, or when there is nothing to verify
+            against.
+    """
+    expected = _check_sha256_arg(sha256)
+    name = os.path.basename(name if name is not None else os.fspath(path))
+    actual = sha256_file(path)
+    if expected is not None:
+        if actual != expected:
+            raise ValueError(
+                f"SHA-256 mismatch for {path}: expected {expected}, got {actual}. The file is "
+                "corrupt or not the expected weights; delete it (or fix "
+                "config.eval.inception_sha256)."
+            )
+        return f"SHA-256 {actual} verified"
+    prefix = hash_prefix_from_name(name)
+    if prefix is None:
+        raise ValueError(
+            f"cannot verify {path}: set config.eval.inception_sha256 to its SHA-256 ({actual} "
+            "if you trust this copy), or name the file <stem>-<first 8+ hex of its SHA-256>.<ext>."
+        )
+    if not actual.startswith(prefix):
+        raise ValueError(
+            f"SHA-256 mismatch for {path}: its name promises a digest starting {prefix}, got "
+            f"{actual}. The file is corrupt or tampered with; delete it."
+        )
+    return (
+        f"SHA-256 prefix {prefix} from the file name verified ({4 * len(prefix)} bits); set "
+        "config.eval.inception_sha256 for a full check"
+    )
+
+
+def fetch(
+    source: str, cache_dir: str | os.PathLike | None = None, sha256: str | None = None
+) -> Path:
+    """Returns a verified local copy of `source` (a path, or an http(s)/file URL).
+
+    A URL is downloaded once into `cache_dir` (written to a temporary file, verified, then
+    renamed, so a partial or unverified download never sits under the final name); a cached
+    copy is re-verified on every call.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+        urllib.error.URLError, OSError: the download failed.
+        ValueError: the file fails `verify_sha256`.
+    """
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme in ("http", "https", "file"):
+        name = os.path.basename(urllib.parse.unquote(parsed.path))
+        if not name:
+            raise ValueError(f"config.eval.inception_weights URL {source!r} names no file.")
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        target = cache / name
+        if not target.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{name}.", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(source, timeout=60) as r:
+                    while chunk := r.read(_CHUNK):
+                        out.write(chunk)
+                verify_sha256(tmp, sha256, name=name)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            verify_sha256(target, sha256)
+        return target
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"config.eval.inception_weights: no file at {path}.")
+    verify_sha256(path, sha256)
+    return path
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def conv_kernel_from_torch(weight: np.ndarray) -> np.ndarray:
+    """PyTorch Conv2d weight [O, I, kh, kw] -> flax kernel [kh, kw, I, O].
+
+    Both frameworks cross-correlate, so this is a pure transpose (no spatial flip).
+    """
+    if weight.ndim != 4:
+        raise ValueError(f"a Conv2d weight must be 4-d [O, I, kh, kw], got {weight.shape}.")
+    return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)))
+
+
+_TORCH_TO_FLAX = {  # torch "layer.leaf" -> (flax collection, flax "layer/leaf", converter)
+    "conv.weight": ("params", "conv/kernel", conv_kernel_from_torch),
+    "bn.weight": ("params", "bn/scale", np.asarray),
+    "bn.bias": ("params", "bn/bias", np.asarray),
+    "bn.running_mean": ("batch_stats", "bn/mean", np.asarray),
+    "bn.running_var": ("batch_stats", "bn/var", np.asarray),
+}
+
+
+def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Renames and transposes a pytorch-fid Inception state dict to flat flax variables.
+
+    `Mixed_5b.branch1x1.conv.weight` becomes `params/Mixed_5b/branch1x1/conv/kernel`
+    (transposed), `*.bn.weight/bias` become `params/*/bn/scale|bias`, and
+    `*.bn.running_mean/var` become `batch_stats/*/bn/mean|var`. The logits layer (`fc.*`)
+    and `*.num_batches_tracked` are dropped. The result is checked with `check_variables`.
+
+    Args:
+        state_dict: torch-style name -> array-like (numpy arrays, or CPU tensors via
+            `np.asarray`).
+
+    Returns:
+        Flat {"params/.../kernel": float32 array, ...}.
+
+    Raises:
+        ValueError: a key that is neither mapped nor ignored, or a missing/mis-shaped variable.
+    """
+    expected = inception.variable_shapes()
+    flat: dict[str, np.ndarray] = {}
+    unknown, wrong = [], []
+    for key, value in state_dict.items():
+        if key in _IGNORED_TORCH_KEYS or key.endswith(_IGNORED_TORCH_SUFFIXES):
+            continue
+        module, _, leaf = key.rpartition(".")
+        module, _, layer = module.rpartition(".")
+        rule = _TORCH_TO_FLAX.get(f"{layer}.{leaf}")
+        name = f"{rule[0]}/{module.replace('.', '/')}/{rule[1]}" if rule else None
+        if rule is None or not module or name not in expected:
+            unknown.append(key)
+            continue
+        array = np.asarray(value, dtype=np.float32)
+        if rule[1] == "conv/kernel" and array.ndim != 4:
+            wrong.append(f"{key}: {array.shape}")
+            continue
+        flat[name] = rule[2](array)
+    if unknown or wrong:
+        problems = [f"unexpected keys: {_preview(unknown)}"] if unknown else []
+        problems += [f"non-4-d conv weights: {_preview(wrong)}"] if wrong else []
+        raise ValueError(
+            "the state dict is not pytorch-fid's FID Inception; " + "; ".join(problems)
+        )
+    check_variables(flat)
+    return flat
+
+
+def convert_torch_checkpoint(pth_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Converts a (verified) pytorch-fid `.pth` to `.npz`; needs `torch`.
+
+    The checkpoint is read with `torch.load(..., weights_only=True)`: tensors and plain
+    containers only, no arbitrary objects. The output is named
+    `fid_inception_v3_from_<source hash prefix>-<first 8 hex of its own SHA-256>.npz`.
+
+    Returns:
+        The path of the written `.npz`.
+
+    Raises:
+        ImportError: torch is not installed.
+    """
+    import torch  # optional dependency, needed for this one-time step only
+
+    state_dict = torch.load(os.fspath(pth_path), map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{pth_path} holds a {type(state_dict).__name__}, not a state dict.")
+    flat = convert_state_dict({k: v.detach().cpu().numpy() for k, v in state_dict.items()})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source_tag = hash_prefix_from_name(os.fspath(pth_path)) or sha256_file(pth_path)[:8]
+    tmp = out_dir / f".fid_inception_v3_from_{source_tag}.npz.part"
+    save_variables_npz(tmp, flat)
+    final = out_dir / f"fid_inception_v3_from_{source_tag}-{sha256_file(tmp)[:8]}.npz"
+    os.replace(tmp, final)
+    return final
+
+
+# --------------------------------------------------------------------------- npz I/O
+
+
+def save_variables_npz(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) -> None:
+    """Writes flat variables to an uncompressed `.npz`, byte-for-byte deterministically.
+
+    Same arrays -> same bytes (sorted keys, fixed zip timestamps), so the file's SHA-256
+    identifies the weights. Readable with `np.load(path, allow_pickle=False)`.
+    """
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key in sorted(flat):
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(flat[key]), allow_pickle=False)
+
+
+def check_variables(flat: Mapping[str, np.ndarray]) -> None:
+    """Checks flat variables against `inception.variable_shapes()`.
+
+    Raises:
+        ValueError: naming every missing, unexpected and mis-shaped key.
+    """
+    expected = inception.variable_shapes()
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = sorted(
+        f"{k}: {tuple(np.shape(flat[k]))} (expected {expected[k]})"
+        for k in set(expected) & set(flat)
+        if tuple(np.shape(flat[k])) != expected[k]
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_preview(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} with wrong shape: {_preview(wrong)}")
+    if problems:
+        raise ValueError("FID Inception weights do not match the network; " + "; ".join(problems))
+
+
+def load_variables_npz(path: str | os.PathLike) -> dict[str, Any]:
+    """Loads and checks variables written by `save_variables_npz` (never unpickles).
+
+    Returns:
+        {"params": ..., "batch_stats": ...} of float32 numpy arrays.
+
+    Raises:
+        ValueError: missing, unexpected or mis-shaped keys (all named), or a non-float array.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        flat = {k: data[k] for k in data.files}
+    bad_dtype = sorted(k for k, v in flat.items() if not np.issubdtype(v.dtype, np.floating))
+    if bad_dtype:
+        raise ValueError(f"{path}: non-float arrays {_preview(bad_dtype)}.")
+    check_variables(flat)
+    flat = {k: v.astype(np.float32, copy=False) for k, v in flat.items()}
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def variables_fingerprint(variables: Mapping[str, Any]) -> str:
+    """SHA-256 over sorted names, dtypes, shapes and little-endian bytes of every array."""
+    flat = traverse_util.flatten_dict(dict(variables), sep="/")
+    digest = hashlib.sha256()
+    for key in sorted(flat):
+        arr = np.ascontiguousarray(np.asarray(flat[key]))
+        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        digest.update(f"{key}|{arr.dtype.str}|{arr.shape}\n".encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_inception_weights(
+    source: str, sha256: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> InceptionWeights:
+    """Fetches, verifies and loads FID Inception weights from a `.npz` or `.pth` path/URL.
+
+    A `.pth` is converted once (needs torch) into `cache_dir`, under a name carrying its own
+    hash prefix; later calls reuse the converted file.
+
+    Raises:
+        FileNotFoundError, OSError, urllib.error.URLError: the weights cannot be obtained.
+        ImportError: a `.pth` was given and torch is missing.
+        ValueError: integrity or shape checks failed.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = fetch(source, cache, sha256)
+    if path.suffix == ".pth":
+        source_tag = hash_prefix_from_name(path.name) or sha256_file(path)[:8]
+        converted = sorted(cache.glob(f"fid_inception_v3_from_{source_tag}-*.npz"))
+        if converted:
+            path = converted[-1]
+        else:
+            path = convert_torch_checkpoint(path, cache)
+        verify_sha256(path)
+    elif path.suffix != ".npz":
+        raise ValueError(
+            f"config.eval.inception_weights must name a .npz (converted) or .pth file, got "
+            f"{path.name!r}."
+        )
+    variables = load_variables_npz(path)
+    return InceptionWeights(variables, variables_fingerprint(variables), path)
+
+
+def try_load_inception_weights(
+    source: str | None, sha256: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> tuple[InceptionWeights | None, str | None]:
+    """`load_inception_weights`, but unavailable weights give a one-line reason, not a raise.
+
+    Weights that cannot be had (not configured, file absent, no network, torch needed for a
+    `.pth`) return `(None, reason)` so that evaluation can log "FID skipped: <reason>" and go
+    on. Weights that are present but WRONG (hash mismatch, wrong keys or shapes) still raise
+    ValueError: that needs fixing, not skipping.
+
+    Returns:
+        `(weights, None)` on success, `(None, reason)` when the weights are unavailable.
+    """
+    if not source:
+        return None, (
+            "config.eval.inception_weights is not set (convert pytorch-fid's weights with "
+            "`python -m ddpm_jax.fid convert`, see ddpm_jax/fid/weights.py)"
+        )
+    try:
+        return load_inception_weights(source, sha256, cache_dir), None
+    except FileNotFoundError as e:
+        return None, str(e)
+    except ImportError:
+        return None, (
+            f"{source} is a PyTorch checkpoint and converting it needs torch; run `python -m "
+            "ddpm_jax.fid convert` where torch is installed and point "
+            "config.eval.inception_weights at the .npz"
+        )
+    except urllib.error.URLError as e:
+        return None, f"could not download {source}: {e.reason}"
+    except (OSError, TimeoutError) as e:
+        return None, f"could not read or download {source}: {e}"
+
+
+def _preview(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
