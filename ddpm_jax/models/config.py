@@ -1,0 +1,212 @@
+"""`ModelConfig`: the typed, frozen, validated configuration of the U-Net.
+
+The ConfigDict stops here: `ModelConfig.from_config(config)` reads `config.model` plus
+`config.data.image_size` / `config.data.channels`, checks every field before anything is
+traced or compiled, and the network only ever sees the resulting frozen dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Group normalization uses Ho et al.'s 32 groups, but keeps at least two channels per group
+# (min(32, C // 2) groups): with one channel per group the per-channel time-embedding shift
+# added before a block's second norm would be normalised away exactly (C = 32, tiny models).
+# Widths of 64 and above must therefore be multiples of 32; ch a multiple of 32 always works.
+MAX_GROUPS = 32
+
+
+def num_groups(channels: int) -> int:
+    """Number of GroupNorm groups for `channels` channels: max(1, min(32, channels // 2))."""
+    return max(1, min(MAX_GROUPS, channels // 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of Ho et al.'s U-Net x̂_θ(x_t, t).
+
+    Attributes:
+      image_size: height = width of the input images, in pixels.
+      in_channels: channels of the input images (e.g. 3 for RGB).
+      ch: base channel count; level i has ch * ch_mult[i] channels.
+      ch_mult: channel multiplier per resolution level (level i is image_size / 2**i).
+      num_res_blocks: ResNet blocks per level on the way down (num_res_blocks + 1 going up).
+      attn_resolutions: spatial sizes (in pixels) at which self-attention follows each block.
+      dropout: dropout rate inside ResNet blocks (active only with `train=True`).
+      num_heads: attention heads (1 = Ho et al.'s single-head attention).
+      resblock_updown: resample with ResNet blocks (BigGAN style) instead of plain layers.
+      conv_resample: plain resampling layers carry a 3×3 convolution (Ho et al.: True).
+      out_channels: output channels; None means in_channels. A learned variance doubles it.
+      num_classes: 0 = unconditional; K > 0 adds a class embedding with K + 1 entries, the
+        last (id K) being the null class used for classifier-free guidance.
+      dtype: computation dtype name, "float32" or "bfloat16" (parameters stay float32).
+      remat: rematerialise each ResNet / attention block in the backward pass.
+    """
+
+    image_size: int = 32
+    in_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    num_heads: int = 1
+    resblock_updown: bool = False
+    conv_resample: bool = True
+    out_channels: int | None = None
+    num_classes: int = 0
+    dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        # Normalise sequences to tuples so the config stays hashable (a static jit argument).
+        for name in ("ch_mult", "attn_resolutions"):
+            value = getattr(self, name)
+            if not _is_sequence(value) or not all(_is_int(v) for v in value):
+                raise ValueError(f"model.{name} must be a tuple of ints, got {value!r}.")
+            object.__setattr__(self, name, tuple(int(v) for v in value))
+        self.validate()
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelConfig:
+        """Builds the model config from a full experiment ConfigDict (or mapping).
+
+        Args:
+          config: an object with `model` (the fields above, minus image_size/in_channels)
+            and `data` (`image_size`, `channels`) groups, e.g. `configs/default.py`.
+
+        Raises:
+          ValueError: naming the offending field, if the architecture is inconsistent.
+        """
+        model = _as_dict(config.model)
+        fields = {f.name for f in dataclasses.fields(cls)} - {"image_size", "in_channels"}
+        unknown = sorted(set(model) - fields)
+        if unknown:
+            raise ValueError(
+                f"config.model has unknown field(s) {unknown}; known fields: {sorted(fields)}."
+            )
+        return cls(
+            image_size=config.data.image_size,
+            in_channels=config.data.channels,
+            **{k: v for k, v in model.items() if k in fields},
+        )
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the network output (`out_channels`, or `in_channels` when None)."""
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    @property
+    def compute_dtype(self) -> Any:
+        """The jnp dtype of activations and matmuls."""
+        return DTYPES[self.dtype]
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Spatial size at each level, from image_size down."""
+        return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
+
+    def norm_widths(self) -> list[tuple[int, str]]:
+        """Input widths of every GroupNorm in the network, with a description of each."""
+        widths = []
+        chans = [self.ch * m for m in self.ch_mult]
+        skips = [self.ch]  # channels of every tensor pushed on the skip stack
+        c = self.ch
+        attn = [r in self.attn_resolutions for r in self.resolutions]
+        for level, c_out in enumerate(chans):
+            for _ in range(self.num_res_blocks):
+                widths += [(c, f"down level {level}")] + [(c_out, f"down level {level}")] * (
+                    1 + attn[level]
+                )
+                c = c_out
+                skips.append(c)
+            if level != len(chans) - 1:
+                if self.resblock_updown:
+                    widths += [(c, f"down level {level}")] * 2
+                skips.append(c)
+        widths += [(c, "middle")] * 5  # two ResNet blocks and an attention block
+        for level in reversed(range(len(chans))):
+            for _ in range(self.num_res_blocks + 1):
+                c_in = c + skips.pop()
+                c = chans[level]
+                widths += [(c_in, f"up level {level} (concatenated skip)")]
+                widths += [(c, f"up level {level}")] * (1 + attn[level])
+            if level != 0 and self.resblock_updown:
+                widths += [(c, f"up level {level}")] * 2
+        widths.append((c, "output"))
+        return widths
+
+    def validate(self) -> None:
+        """Raises ValueError, naming the field, for any inconsistent setting."""
+        _check_int("image_size", self.image_size, 1)
+        _check_int("in_channels", self.in_channels, 1)
+        _check_int("ch", self.ch, 1)
+        _check_int("num_res_blocks", self.num_res_blocks, 1)
+        _check_int("num_heads", self.num_heads, 1)
+        _check_int("num_classes", self.num_classes, 0)
+        if self.out_channels is not None:
+            _check_int("out_channels", self.out_channels, 1)
+        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
+            raise ValueError(
+                f"model.ch_mult must be a non-empty tuple of ints ≥ 1, got {self.ch_mult}."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"data.image_size={self.image_size} must be divisible by 2**(len(ch_mult)-1)"
+                f"={factor} for model.ch_mult={self.ch_mult}: change image_size or ch_mult."
+            )
+        bad = sorted(set(self.attn_resolutions) - set(self.resolutions))
+        if bad:
+            raise ValueError(
+                f"model.attn_resolutions contains {bad}, which never occur: the U-Net's "
+                f"resolutions are {self.resolutions}."
+            )
+        for c, where in self.norm_widths():
+            if c % num_groups(c):
+                raise ValueError(
+                    f"model.ch={self.ch} with ch_mult={self.ch_mult} gives {c} channels at "
+                    f"{where}, not divisible by its {num_groups(c)} GroupNorm groups "
+                    "(min(32, channels // 2)): use a ch that is a multiple of 32."
+                )
+        for level, res in enumerate(self.resolutions):
+            c = self.ch * self.ch_mult[level]
+            if res in self.attn_resolutions and c % self.num_heads:
+                raise ValueError(
+                    f"model.num_heads={self.num_heads} does not divide the {c} channels of the "
+                    f"attention layers at resolution {res}."
+                )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        prefix = "data" if name in ("image_size", "in_channels") else "model"
+        name = "channels" if name == "in_channels" else name
+        raise ValueError(f"{prefix}.{name} must be an int ≥ {minimum}, got {value!r}.")
+
+
+def _as_dict(group: Any) -> dict[str, Any]:
+    if hasattr(group, "to_dict"):
+        return group.to_dict()
+    if isinstance(group, Mapping):
+        return dict(group)
+    raise ValueError(f"config.model must be a ConfigDict or mapping, got {type(group).__name__}.")
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str)
