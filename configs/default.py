@@ -86,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.fid_num_samples = 50_000
     config.eval.inception_weights = ml_collections.config_dict.placeholder(str)  # path or URL.
     config.eval.inception_sha256 = ml_collections.config_dict.placeholder(str)
+    # FID reference statistics (and converted weights) cache; None: ~/.cache/ddpm_jax/fid.
+    config.eval.fid_cache_dir = ml_collections.config_dict.placeholder(str)
+    config.eval.fid_reference_examples = 0  # training images for FID reference stats; 0: all.
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.fsdp = False  # shard parameters and optimizer state over the data axis.
