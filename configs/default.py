@@ -92,5 +92,6 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.fsdp = False  # shard parameters and optimizer state over the data axis.
+    config.mesh.fsdp_min_size = 2**18  # with fsdp: leaves smaller than this stay replicated.
 
     return config

@@ -5,7 +5,7 @@ The mathematics lives in three modules that import nothing else from the package
 parameterizations, weighted ELBO, bits/dim) and `sampling` (reverse chains under `lax.scan`).
 """
 
-from ddpm_jax import diffusion, schedules
+from ddpm_jax import diffusion, sampling, schedules
 from ddpm_jax.diffusion import (
     bits_per_dim,
     p_mean_variance,
@@ -13,6 +13,7 @@ from ddpm_jax.diffusion import (
     q_sample,
     training_losses,
 )
+from ddpm_jax.sampling import sample
 from ddpm_jax.schedules import Schedule, get_beta_schedule, make_schedule
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "p_mean_variance",
     "q_posterior_mean_variance",
     "q_sample",
+    "sample",
+    "sampling",
     "schedules",
     "training_losses",
 ]

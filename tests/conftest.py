@@ -1,17 +1,27 @@
-"""Test set-up: 8 fake CPU devices for sharding tests, float32 defaults, slow-test skipping.
+"""Test set-up: 8 fake CPU devices, a persistent compilation cache, slow-test skipping.
 
 XLA reads its flags once, when the backend starts, so they are set here before any test
-module imports JAX.
+module imports JAX. The environment (not `jax.config`) carries them so that the training
+subprocesses the tests launch get them too. The compilation cache lets the many short
+training runs of the tests (and their subprocesses) compile each program once.
 """
 
 import os
 
 _FLAGS = ("--xla_force_host_platform_device_count=8",)
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), *(f for f in _FLAGS if f not in os.environ.get("XLA_FLAGS", ""))]
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        *(f for f in _FLAGS if f not in os.environ.get("XLA_FLAGS", "")),
+    ]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".pytest_cache", "jax_compilation_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 
