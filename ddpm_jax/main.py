@@ -31,6 +31,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from ddpm_jax import xla_flags  # before JAX starts its backend, which reads XLA_FLAGS once.
+
+    os.environ["XLA_FLAGS"] = xla_flags.with_cpu_defaults(os.environ.get("XLA_FLAGS", ""))
     from ddpm_jax import distributed  # imports JAX: after flag parsing, before any use.
 
     distributed.initialize_if_needed()

@@ -8,6 +8,8 @@ training runs of the tests (and their subprocesses) compile each program once.
 
 import os
 
+from ddpm_jax import xla_flags  # imports JAX but starts no backend: XLA_FLAGS still apply.
+
 _FLAGS = ("--xla_force_host_platform_device_count=8",)
 os.environ["XLA_FLAGS"] = " ".join(
     [
@@ -15,6 +17,9 @@ os.environ["XLA_FLAGS"] = " ".join(
         *(f for f in _FLAGS if f not in os.environ.get("XLA_FLAGS", "")),
     ]
 ).strip()
+# The same defaults as `python -m ddpm_jax.main`, so that runs the tests launch as
+# subprocesses and runs in this process compute bit-identical numbers.
+os.environ["XLA_FLAGS"] = xla_flags.with_cpu_defaults(os.environ["XLA_FLAGS"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
