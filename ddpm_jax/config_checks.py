@@ -25,7 +25,7 @@ REQUIRED_FIELDS = {
         "seed",
         "grad_accum_steps",
     ),
-    "optim": ("learning_rate", "warmup_steps", "grad_clip_norm", "ema_decay"),
+    "optim": ("learning_rate", "warmup_steps", "grad_clip_norm", "ema_decay", "ema_warmup"),
     "sampling": ("sampler", "num_steps", "batch_size"),
     "eval": ("batch_size",),
     "mesh": ("fsdp", "fsdp_min_size"),

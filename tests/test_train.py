@@ -233,3 +233,28 @@ def test_bad_configs_fail_before_compiling(edit, match, tmp_path):
         train.train_and_evaluate(config, str(tmp_path))
     assert time.time() - start < 30
     assert checkpointing.latest_step(str(tmp_path)) is None
+
+
+def test_ema_decay_warms_up_and_the_step_applies_it():
+    config = tiny_config()
+    config.optim.ema_decay = 0.99
+    decay = train.make_ema_decay_fn(config.optim)
+    np.testing.assert_allclose(
+        [float(decay(s)) for s in (0, 8, 80, 10_000)], [0.1, 0.5, 0.9, 0.99], rtol=1e-6
+    )
+    config.optim.ema_warmup = False
+    assert float(train.make_ema_decay_fn(config.optim)(0)) == np.float32(0.99)
+    config.optim.ema_warmup = True
+    # One step from the initial state: EMA = 0.1 · initial + 0.9 · updated parameters.
+    mesh = shd.make_mesh(devices=jax.devices()[:1])
+    model, sched, optimizer, abstract, init_fn = train.build(config, mesh)
+    state = shd.init_sharded(init_fn, abstract, jax.random.PRNGKey(0))
+    initial = jax.device_get(state.params)
+    batch = {
+        "image": np.random.default_rng(2).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32),
+        "label": np.zeros(8, np.int32),
+    }
+    new, _ = jax.jit(train.make_train_step(model, sched, optimizer, config))(state, batch)
+    expected = jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, initial, jax.device_get(new.params))
+    for a, b in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-7)
