@@ -372,7 +372,8 @@ def initialize_if_needed(environ: Mapping[str, str] = os.environ) -> ClusterSpec
 
     Must run before anything touches a JAX backend (`jax.devices()`, any computation).
     On CPU it makes sure cross-process collectives are on (gloo, JAX's default), since
-    without them a multi-process CPU run cannot all-reduce.
+    without them a multi-process CPU run cannot all-reduce, and turns the persistent
+    compilation cache off (it would let process 0 reach the first collective alone).
 
     Args:
       environ: the process environment.
@@ -393,8 +394,17 @@ def initialize_if_needed(environ: Mapping[str, str] = os.environ) -> ClusterSpec
 
     if jax.distributed.is_initialized():
         return spec
-    if _platform_is_cpu(environ) and jax.config.jax_cpu_collectives_implementation is None:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if _platform_is_cpu(environ):
+        if jax.config.jax_cpu_collectives_implementation is None:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if jax.config.jax_enable_compilation_cache:
+            # JAX keys CPU executables in the persistent cache per process, and only process
+            # 0 writes entries: with a warm cache process 0 skips compiling while the others
+            # compile, and the first collective's gloo rendezvous (a fixed 30 s deadline in
+            # XLA) times out. Without the cache all processes compile in step; no wall time
+            # is lost, since the processes that never hit the cache set the pace anyway.
+            _log.info("Multi-process CPU run: the persistent compilation cache is disabled.")
+            jax.config.update("jax_enable_compilation_cache", False)
     _log.info("Initializing jax.distributed: %s", spec)
     try:
         jax.distributed.initialize(**spec.initialize_kwargs())

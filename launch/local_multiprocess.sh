@@ -122,7 +122,13 @@ stop_all() {
     ((alive)) || return 0
     sleep 0.1
   done
-  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  # Under jax.distributed SIGTERM only requests a preemption checkpoint, which a process
+  # blocked on a dead peer never reaches. With --timeout, $pid is `timeout`, which leads its
+  # own process group with the python child in it: kill the group, or the child is orphaned.
+  for pid in "${pids[@]}"; do
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    kill -KILL "$pid" 2>/dev/null || true
+  done
 }
 trap 'stop_all; exit 130' INT TERM
 
