@@ -1,0 +1,141 @@
+"""The benchmark on the tiny config: its parts run, and its JSON record is complete and sane.
+
+Timings are not asserted (the CPU is shared); only structure, positivity and finiteness, and
+the figures that are exact: parameter counts and the reference's architecture.
+"""
+
+import json
+import math
+
+import pytest
+
+from configs import tiny
+from ddpm_jax import bench, models
+from ddpm_jax.bench import common
+
+SETTINGS = bench.BenchSettings(batch_size=8, steps=1, repeats=2, warmup=1, sample_steps=2)
+
+
+def _config():
+    """configs/tiny.py with its U-Net cut to one level (attention kept), to compile faster."""
+    config = tiny.get_config()
+    config.model.ch_mult = (1,)
+    config.model.attn_resolutions = (8,)
+    return config
+
+
+def _positive_finite(x):
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def _check_timing(t):
+    assert len(t["per_repeat_s"]) == SETTINGS.repeats
+    assert all(_positive_finite(v) for v in t["per_repeat_s"])
+    assert t["min_s"] <= t["median_s"] <= t["max_s"]
+
+
+def _check_common(part):
+    _check_timing(part["step_s"])
+    assert part["images_per_s"] == pytest.approx(SETTINGS.batch_size / part["step_s"]["median_s"])
+
+
+@pytest.fixture(scope="module")
+def results():
+    return bench.run(_config(), SETTINGS, config_name="configs/tiny.py")
+
+
+def test_jax_figures(results, tmp_path):
+    ours = results["jax"]
+    config = _config()
+    assert ours["params"] == models.count_params(
+        models.abstract_variables(models.create_model(config))["params"]
+    )
+    for part in ("train", "forward"):
+        _check_common(ours[part])
+        assert _positive_finite(ours[part]["lower_s"]) and _positive_finite(ours[part]["compile_s"])
+        assert _positive_finite(ours[part]["flops_per_image"])
+        assert _positive_finite(ours[part]["achieved_tflops_per_s"])
+        assert ours[part]["mfu"] is None  # no peak is known for a CPU.
+    assert ours["train"]["steps_per_s"] == pytest.approx(1 / ours["train"]["step_s"]["median_s"])
+    # Forward + backward costs about 3 forwards: the cost analysis counted the backward pass.
+    ratio = ours["train"]["flops_per_image"] / ours["forward"]["flops_per_image"]
+    assert 2.5 < ratio < 4.0
+    # Per-image FLOPs of the sharded program (8 devices here) equal the unsharded count.
+    assert ours["forward"]["flops_per_image"] == pytest.approx(
+        models.forward_flops(config, SETTINGS.batch_size) / SETTINGS.batch_size, rel=0.02
+    )
+    assert ours["train"]["xla_memory_per_device"]["total_bytes"] > 0
+    s = ours["sampling"]
+    _check_timing(s["chain_s"])
+    assert s["chain_steps"] == 2 and s["full_chain_steps"] == config.diffusion.num_timesteps
+    assert s["per_step_s"] == pytest.approx(s["chain_s"]["median_s"] / 2)
+    assert s["full_chain_s_projected"] == pytest.approx(s["per_step_s"] * 100)
+    assert _positive_finite(s["per_step_over_forward"])
+    assert set(s["compile_by_chain_steps"]) == {"2", "100"}  # (sample_steps, T) by default.
+    assert all(_positive_finite(c["compile_s"]) for c in s["compile_by_chain_steps"].values())
+    assert ours["memory"]["bytes"] > 0
+    assert results["reference"] is None and results["ratios"] is None
+
+    path = tmp_path / "out" / "bench.json"
+    bench.write_json(results, str(path))
+    loaded = json.loads(path.read_text())
+    meta = loaded["meta"]
+    assert meta["config"] == "configs/tiny.py" and meta["batch_size"] == 8
+    assert meta["dtype"] == "float32" and meta["platform"] == "cpu" and meta["jax"]
+    assert "XLA_FLAGS" in meta and meta["date"].startswith("20")
+    table = bench.format_table(loaded)
+    assert "train: images/s" in table and "sampler compile, 100 steps" in table
+
+
+def test_torch_reference():
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from ddpm_jax.bench import torch_ref
+
+    config = _config()
+    settings = bench.BenchSettings(batch_size=8, steps=1, repeats=1, warmup=0, sample_steps=2)
+    ref = torch_ref.measure(config, settings, "cpu", None, {"train": 1e6, "forward": 3e5})
+    # The same architecture: diffusers' layers hold exactly ddpm_jax's parameter count.
+    ours = models.count_params(models.abstract_variables(models.create_model(config))["params"])
+    assert ref["params"] == ours
+    for part in ("train", "forward"):
+        assert _positive_finite(ref[part]["images_per_s"])
+        assert _positive_finite(ref[part]["achieved_tflops_per_s"])
+    assert _positive_finite(ref["sampling"]["per_step_s"])
+    assert ref["memory"]["bytes"] > 0
+    ratios = bench.report.ratios({"train": {"images_per_s": 2.0}}, {"train": {"images_per_s": 1.0}})
+    assert ratios == {"train_images_per_s": 2.0}
+
+
+def test_cifar10_reference_architecture():
+    """diffusers' UNet2DModel as configured matches Ho et al.'s 35,746,307 parameters."""
+    pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from configs import cifar10
+    from ddpm_jax.bench import torch_ref
+
+    kwargs = torch_ref.diffusers_kwargs(cifar10.get_config())
+    assert kwargs["down_block_types"] == (
+        "DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"
+    )  # fmt: skip
+    assert kwargs["up_block_types"] == ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    with __import__("torch").device("meta"):
+        net = diffusers.UNet2DModel(**kwargs)
+    assert sum(p.numel() for p in net.parameters()) == 35_746_307
+
+
+def test_peaks_and_settings():
+    assert common.peak_tflops_for("NVIDIA H100 80GB HBM3") == (989.0, "table: H100 bf16 dense")
+    assert common.peak_tflops_for("TPU v5 lite")[0] == 197.0
+    assert common.peak_tflops_for("TPU v5p")[0] == 459.0
+    assert common.peak_tflops_for("cpu")[0] is None
+    assert common.peak_tflops_for("cpu", 1.5) == (1.5, "given (--peak_tflops)")
+    rates = common.flop_rates(1e9, 100.0, 0.5, 2)  # 0.1 TFLOP/s of a 1 TFLOP/s pair.
+    assert rates["achieved_tflops_per_s"] == pytest.approx(0.1)
+    assert rates["mfu"] == pytest.approx(0.1)
+    for bad in ({"batch_size": 0}, {"parts": ("train", "eval")}, {"peak_tflops": 0.0},
+                {"compile_sample_steps": (0,)}):  # fmt: skip
+        with pytest.raises(ValueError, match="BenchSettings"):
+            bench.BenchSettings(**bad)
+    with pytest.raises(ValueError, match="reference"):
+        bench.run(tiny.get_config(), SETTINGS, reference="tensorflow")
