@@ -8,7 +8,14 @@ training runs of the tests (and their subprocesses) compile each program once.
 
 import os
 
-from ddpm_jax import xla_flags  # imports JAX but starts no backend: XLA_FLAGS still apply.
+# JAX reads its JAX_* settings when it is first imported (below, through ddpm_jax).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".pytest_cache", "jax_compilation_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+from ddpm_jax import xla_flags  # noqa: E402  (imports JAX, starts no backend)
 
 _FLAGS = ("--xla_force_host_platform_device_count=8",)
 os.environ["XLA_FLAGS"] = " ".join(
@@ -22,11 +29,6 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ["XLA_FLAGS"] = xla_flags.with_cpu_defaults(os.environ["XLA_FLAGS"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".pytest_cache", "jax_compilation_cache")
-)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 
