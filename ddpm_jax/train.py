@@ -370,9 +370,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 pending = (step, step_metrics)
                 progress.update(1)
                 preempted = ckpt.preempted(step, terminate)
-                if step % tc.log_every_steps == 0 or step == num_steps or preempted:
+                log = step % tc.log_every_steps == 0 or step == num_steps or preempted
+                save = ckpt.should_save(step) or preempted or step == num_steps
+                if log or save:  # this step's state is logged or saved: check it now.
                     host = jax.device_get(step_metrics)
                     _check_finite(host, step)
+                    pending = None
+                if log:
                     scalars = {k: float(v) for k, v in host.items() if k != "finite"}
                     scalars["bpd_estimate"] = float(
                         bpd_fn(state.ema_params, batch["image"], jax.random.fold_in(eval_key, step))
@@ -380,8 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     scalars.update(throughput.rates(step))
                     writer.write_scalars(step, scalars)
                     progress.set_postfix(loss=f"{scalars['loss']:.4g}", refresh=False)
-                if ckpt.should_save(step) or preempted or step == num_steps:
-                    _check_finite(jax.device_get(step_metrics), step)
+                if save:
                     ckpt.save(step, state, {"data_step": step}, force=True)
                 if tc.sample_every_steps and (
                     step % tc.sample_every_steps == 0 or step == num_steps
