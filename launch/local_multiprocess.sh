@@ -30,21 +30,9 @@
 # last checkpoint there.
 set -euo pipefail
 
-# Quotes one word for a POSIX shell; plain words stay bare so that printed commands read well.
-shq() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then
-    printf '%s' "$1"
-  elif [[ $1 != *[\"\$\`\\!]* ]]; then
-    printf '"%s"' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-shjoin() {
-  local out="" word
-  for word in "$@"; do out+="${out:+ }$(shq "$word")"; done
-  printf '%s' "$out"
-}
+# shq, shjoin.
+# shellcheck source=launch/lib.bash
+source "$(dirname "${BASH_SOURCE[0]}")/lib.bash"
 die() { echo "local_multiprocess.sh: $*" >&2; exit 2; }
 
 NUM_PROCESSES=${NUM_PROCESSES:-2}

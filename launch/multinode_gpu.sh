@@ -21,20 +21,9 @@
 # Resume: run the same command again with the same --workdir.
 set -euo pipefail
 
-shq() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then
-    printf '%s' "$1"
-  elif [[ $1 != *[\"\$\`\\!]* ]]; then
-    printf '"%s"' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-shjoin() {
-  local out="" word
-  for word in "$@"; do out+="${out:+ }$(shq "$word")"; done
-  printf '%s' "$out"
-}
+# shq, shjoin.
+# shellcheck source=launch/lib.bash
+source "$(dirname "${BASH_SOURCE[0]}")/lib.bash"
 die() { echo "multinode_gpu.sh: $*" >&2; exit 2; }
 
 DRY_RUN=${DRY_RUN:-0}

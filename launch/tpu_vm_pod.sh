@@ -27,20 +27,9 @@
 # session stops it, and re-running the command resumes it).
 set -euo pipefail
 
-shq() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then
-    printf '%s' "$1"
-  elif [[ $1 != *[\"\$\`\\!]* ]]; then
-    printf '"%s"' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-shjoin() {
-  local out="" word
-  for word in "$@"; do out+="${out:+ }$(shq "$word")"; done
-  printf '%s' "$out"
-}
+# shq, shjoin.
+# shellcheck source=launch/lib.bash
+source "$(dirname "${BASH_SOURCE[0]}")/lib.bash"
 die() { echo "tpu_vm_pod.sh: $*" >&2; exit 2; }
 # Prints a shell command line (DRY_RUN=1) or runs it with bash: what is printed is what runs.
 run() {
