@@ -136,6 +136,32 @@ def flop_rates(
     return {"achieved_tflops_per_s": achieved, "mfu": mfu}
 
 
+def sampling_figures(
+    timing: dict[str, Any], chain_steps: int, num_timesteps: int, batch_size: int, forward: Any
+) -> dict[str, Any]:
+    """Per-step sampling figures from the timing of a `chain_steps`-step chain.
+
+    Args:
+      timing: `time_steps` of one whole chain.
+      chain_steps: K, the steps of the timed chain.
+      num_timesteps: T, the length of the full chain the projection is for.
+      batch_size: images per chain.
+      forward: the forward-pass result (with `step_s`), or None if it was not measured.
+    """
+    per_step = timing["median_s"] / chain_steps
+    return {
+        "sampler": "ancestral (respaced)" if chain_steps < num_timesteps else "ancestral",
+        "chain_steps": chain_steps,
+        "chain_s": timing,
+        "per_step_s": per_step,
+        "per_step_images_per_s": batch_size / per_step,
+        "per_step_over_forward": per_step / forward["step_s"]["median_s"] if forward else None,
+        "full_chain_steps": num_timesteps,
+        "full_chain_s_projected": per_step * num_timesteps,
+        "full_chain_images_per_s_projected": batch_size / (per_step * num_timesteps),
+    }
+
+
 def host_max_rss_bytes() -> int:
     """This process's peak resident set size (a high-water mark over its whole life)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -17,7 +17,14 @@ import ml_collections
 
 from ddpm_jax import models, train
 from ddpm_jax import sharding as shd
-from ddpm_jax.bench.common import BenchSettings, flop_rates, host_max_rss_bytes, rates, time_steps
+from ddpm_jax.bench.common import (
+    BenchSettings,
+    flop_rates,
+    host_max_rss_bytes,
+    rates,
+    sampling_figures,
+    time_steps,
+)
 from ddpm_jax.config_checks import validate_config
 
 
@@ -231,7 +238,6 @@ def _measure_sampling(cfg, settings, model, sched, state, state_sh, batch_sh, re
 
     _warm(run_chain, min(settings.warmup, 1))
     timing = time_steps(run_chain, _sync, steps=1, repeats=settings.repeats)
-    per_step = timing["median_s"] / K
     lengths = settings.compile_sample_steps or (K, T)
     compile_by_length = {}
     for length in dict.fromkeys(lengths):  # unique, in order.
@@ -242,16 +248,6 @@ def _measure_sampling(cfg, settings, model, sched, state, state_sh, batch_sh, re
         else:
             other = _sampler(cfg, model, sched, B, length, state_sh, batch_sh, replicated)
             compile_by_length[str(length)] = compile_timed(other, state.ema_params, sample_key)[1]
-    fwd = result.get("forward")
-    return {
-        "sampler": "ancestral (respaced)" if K < T else "ancestral",
-        "chain_steps": K,
-        "chain_s": timing,
-        "per_step_s": per_step,
-        "per_step_images_per_s": B / per_step,
-        "per_step_over_forward": per_step / fwd["step_s"]["median_s"] if fwd else None,
-        "full_chain_steps": T,
-        "full_chain_s_projected": per_step * T,
-        "full_chain_images_per_s_projected": B / (per_step * T),
-        "compile_by_chain_steps": compile_by_length,
-    }
+    figures = sampling_figures(timing, K, T, B, result.get("forward"))
+    figures["compile_by_chain_steps"] = compile_by_length
+    return figures

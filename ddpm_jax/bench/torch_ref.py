@@ -23,7 +23,14 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import models, sampling, train
-from ddpm_jax.bench.common import BenchSettings, flop_rates, host_max_rss_bytes, rates, time_steps
+from ddpm_jax.bench.common import (
+    BenchSettings,
+    flop_rates,
+    host_max_rss_bytes,
+    rates,
+    sampling_figures,
+    time_steps,
+)
 from ddpm_jax.models.config import num_groups
 
 
@@ -240,16 +247,4 @@ def _sampling(torch, net, config, settings, dev, autocast, sync, gen, labels, re
         chain()
     sync()
     timing = time_steps(chain, sync, steps=1, repeats=settings.repeats)
-    per_step = timing["median_s"] / K
-    fwd = result.get("forward")
-    return {
-        "sampler": "ancestral (respaced)" if K < T else "ancestral",
-        "chain_steps": K,
-        "chain_s": timing,
-        "per_step_s": per_step,
-        "per_step_images_per_s": B / per_step,
-        "per_step_over_forward": per_step / fwd["step_s"]["median_s"] if fwd else None,
-        "full_chain_steps": T,
-        "full_chain_s_projected": per_step * T,
-        "full_chain_images_per_s_projected": B / (per_step * T),
-    }
+    return sampling_figures(timing, K, T, B, result.get("forward"))
