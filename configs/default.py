@@ -1,101 +1,10 @@
-"""Default ddpm_jax configuration: Ho et al. (2020) hyper-parameters, grouped by concern.
+"""The default configuration; every field is documented in `ddpm_jax/experiment/defaults.py`.
 
 Experiment configs import this module and change only what differs. Run one with::
 
-    python -m ddpm_jax.main --config=configs/cifar10.py --workdir=/tmp/ddpm_cifar10
+    python -m ddpm_jax.main --config=configs/cifar10.py --workdir=workdirs/cifar10
 """
 
-import ml_collections
+from ddpm_jax.experiment.defaults import get_config
 
-
-def get_config() -> ml_collections.ConfigDict:
-    """Returns the base configuration (CIFAR-10-sized model, linear schedule, T = 1000)."""
-    config = ml_collections.ConfigDict()
-
-    config.data = ml_collections.ConfigDict()
-    config.data.name = "cifar10"  # a TFDS dataset name, or "digits" (embedded, offline).
-    config.data.split = "train"
-    config.data.eval_split = "test"
-    config.data.image_size = 32
-    config.data.channels = 3
-    config.data.random_flip = True
-    config.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir.
-    config.data.num_workers = 0  # Grain worker processes (0: read in the main process).
-
-    config.model = ml_collections.ConfigDict()
-    config.model.ch = 128
-    config.model.ch_mult = (1, 2, 2, 2)
-    config.model.num_res_blocks = 2
-    config.model.attn_resolutions = (16,)
-    config.model.dropout = 0.1
-    config.model.num_heads = 1
-    config.model.resblock_updown = False
-    config.model.conv_resample = True
-    config.model.out_channels = ml_collections.config_dict.placeholder(int)  # None: data.channels.
-    config.model.num_classes = 0  # > 0: class-conditional, with a null class for guidance.
-    config.model.dtype = "float32"  # computation dtype: "float32" or "bfloat16".
-    config.model.remat = False
-
-    config.diffusion = ml_collections.ConfigDict()
-    config.diffusion.schedule = "linear"
-    config.diffusion.num_timesteps = 1000
-    config.diffusion.beta_start = 1e-4
-    config.diffusion.beta_end = 0.02
-    config.diffusion.parameterization = "x0"  # the network predicts x_0: "x0" | "eps" | "v".
-    # Weight w_t on ||x̂_0 - x_0||²: "elbo" is the true bound (C_t, times T); "eps_mse" is
-    # Ho et al.'s L_simple; also "x0_mse", "v_mse", "snr_trunc", "min_snr".
-    config.diffusion.weighting = "eps_mse"
-    config.diffusion.min_snr_gamma = 5.0
-    config.diffusion.variance = "fixedlarge"  # reverse-process variance: fixedsmall | fixedlarge.
-    config.diffusion.clip_denoised = True
-
-    config.training = ml_collections.ConfigDict()
-    config.training.batch_size = 128  # global batch, over all devices and processes.
-    config.training.num_train_steps = 800_000
-    config.training.log_every_steps = 100
-    config.training.checkpoint_every_steps = 5_000
-    config.training.keep_checkpoints = 3  # the last K checkpoints...
-    config.training.keep_period = 100_000  # ...plus every step divisible by this.
-    config.training.sample_every_steps = 20_000
-    config.training.num_sample_images = 64  # images in each sample grid written while training.
-    config.training.grad_accum_steps = 1
-    config.training.seed = 0
-
-    config.optim = ml_collections.ConfigDict()
-    config.optim.learning_rate = 2e-4
-    config.optim.warmup_steps = 5_000
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.999
-    config.optim.eps = 1e-8
-    config.optim.grad_clip_norm = 1.0
-    config.optim.ema_decay = 0.9999
-    # EMA decay at step s is min(ema_decay, (1 + s) / (10 + s)), so that the average forgets the
-    # initial parameters (zero output layer) within a short run; at 0.9999 the two agree after
-    # ~90k steps. False: the constant decay of Ho et al.
-    config.optim.ema_warmup = True
-
-    config.sampling = ml_collections.ConfigDict()
-    config.sampling.sampler = "ancestral"  # "ancestral" | "ddim"
-    config.sampling.num_steps = 0  # 0: all T steps; fewer: respaced (strided) chain.
-    config.sampling.eta = 0.0  # DDIM only.
-    config.sampling.num_samples = 50_000
-    config.sampling.batch_size = 256  # images per chunk, over all devices.
-    config.sampling.seed = 42
-
-    config.eval = ml_collections.ConfigDict()
-    config.eval.split = "test"
-    config.eval.batch_size = 256
-    config.eval.bpd_timestep_chunk = 50  # timesteps evaluated at once in the full bound.
-    config.eval.num_examples = 0  # 0: the whole split.
-    config.eval.fid_num_samples = 50_000
-    config.eval.inception_weights = ml_collections.config_dict.placeholder(str)  # path or URL.
-    config.eval.inception_sha256 = ml_collections.config_dict.placeholder(str)
-    # FID reference statistics (and converted weights) cache; None: ~/.cache/ddpm_jax/fid.
-    config.eval.fid_cache_dir = ml_collections.config_dict.placeholder(str)
-    config.eval.fid_reference_examples = 0  # training images for FID reference stats; 0: all.
-
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.fsdp = False  # shard parameters and optimizer state over the data axis.
-    config.mesh.fsdp_min_size = 2**18  # with fsdp: leaves smaller than this stay replicated.
-
-    return config
+__all__ = ["get_config"]

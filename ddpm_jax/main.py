@@ -1,72 +1,88 @@
-r"""Command-line entry point: train, evaluate or sample from an ml_collections config.
+r"""Command-line entry point: train, sample from or evaluate a model, from an ml_collections config.
 
     python -m ddpm_jax.main --config=configs/digits.py --workdir=workdirs/digits
-    python -m ddpm_jax.main --config=configs/cifar10.py --workdir=DIR --mode=eval
-    python -m ddpm_jax.main --config=configs/cifar10.py --workdir=DIR --mode=sample \
-        --config.sampling.num_samples=1000
+    python -m ddpm_jax.main --workdir=workdirs/digits --mode=sample \
+        --config.sampling.num_samples=1000 [--config.sampling.sampler=ddim ...]
+    python -m ddpm_jax.main --workdir=workdirs/digits --mode=eval
 
-Every other setting is `--config.group.field=value`. Training resumes from the newest
-checkpoint in `--workdir`; running the same command again continues an interrupted run.
-In a multi-process run (TPU pod, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/
-JAX_PROCESS_ID) every process runs this same command.
+Every other setting is `--config.group.field=value` (every field is documented in
+`ddpm_jax/experiment/defaults.py`). Training resumes from the newest checkpoint in
+`--workdir`; running the same command again continues an interrupted run. Sampling and
+evaluation take the model from the workdir's config.json, so `--config` is optional there
+(given, only its sampling, eval and mesh groups are used). In a multi-process run (TPU pod,
+SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID) every process
+runs this same command.
+
+Bad input (a config value, a path, a workdir in use) is reported as one line, `error: ...`,
+with exit status 2; `--verbose` shows the traceback.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from ddpm_jax import cli, errors
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (required to train).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
-def main(argv):
+def load_config():
+    """The `--config` ConfigDict (None if not given), or one `error:` line if it fails to load."""
+    if FLAGS["config"].value is None and not FLAGS["config"].present:
+        return None
+    try:
+        return FLAGS.config
+    except Exception as e:  # a missing file, or an exception inside the config file itself.
+        name = config_flags.get_config_filename(FLAGS["config"])
+        cli.fail(f"--config={name}: {errors.one_line(e)}")
+
+
+def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from ddpm_jax import xla_flags  # before JAX starts its backend, which reads XLA_FLAGS once.
-
-    os.environ["XLA_FLAGS"] = xla_flags.with_cpu_defaults(os.environ.get("XLA_FLAGS", ""))
-    from ddpm_jax import distributed  # imports JAX: after flag parsing, before any use.
-
-    distributed.initialize_if_needed()
+        cli.fail(f"unexpected arguments {argv[1:]}; settings go in --config.group.field=value.")
+    config = load_config()
+    if config is None and FLAGS.mode == "train":
+        cli.fail("--config is required to train, e.g. --config=configs/digits.py.")
+    cli.prepare_jax()
     import jax
 
+    from ddpm_jax.runtime import workdir as wd
+
+    workdir = wd.resolve_path(FLAGS.workdir)
+    if config is not None:
+        config = wd.resolve_config_paths(config)
     logging.info(
-        "JAX %s: process %d of %d, %d local / %d global devices (%s).",
-        jax.__version__,
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-        jax.devices()[0].platform,
-    )
-    config = FLAGS.config
+        "JAX %s: process %d of %d, %d local / %d global devices (%s); workdir %s.",
+        jax.__version__, jax.process_index(), jax.process_count(), jax.local_device_count(),
+        jax.device_count(), jax.devices()[0].platform, workdir,
+    )  # fmt: skip
     if FLAGS.mode == "train":
-        from ddpm_jax import train
+        from ddpm_jax.train import loop
 
-        train.train_and_evaluate(config, FLAGS.workdir)
+        loop.train_and_evaluate(config, workdir)
     elif FLAGS.mode == "eval":
-        from ddpm_jax import evaluate
+        from ddpm_jax.evaluation import evaluate
 
-        evaluate.evaluate(config, FLAGS.workdir)
+        evaluate.evaluate(config, workdir)
     else:
-        from ddpm_jax import generate
+        from ddpm_jax.inference import write_samples
 
-        generate.generate(config, FLAGS.workdir)
+        write_samples.write_samples(config, workdir)
 
 
 def run() -> None:
     """Console entry point (also `python -m ddpm_jax.main`)."""
-    logging.getLogger().setLevel(logging.INFO)
-    app.run(main, argv=sys.argv)
+    cli.run(main, argv=sys.argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ The whole chain is one `lax.scan`: `model_fn` is traced once whatever the number
 value goes back to the host between steps, shapes are static, and the noise of each step is
 `jax.random.normal(jax.random.fold_in(key, t), shape)` at original timestep t. A jitted
 `sample` therefore compiles once and partitions like any other array program (pass
-`out_shardings` to `jax.jit` to shard the batch).
+`out_shardings` to `jax.jit` to shard the batch). `reverse_chain` returns the same chain as a
+`ReverseChain` that also runs in segments (one jitted call each, e.g. to show progress) with
+the same result. Which timesteps a chain visits is `ddpm_jax.timesteps`' job.
 
 Conventions (DESIGN.md): timesteps are integers t ∈ {0, …, T-1}, index t being the paper's
 step t+1; `model_fn(x_t, t) -> prediction` takes x_t float32 [B, ...] and t int32 [B].
@@ -21,6 +23,7 @@ step t+1; `model_fn(x_t, t) -> prediction` takes x_t float32 [B, ...] and t int3
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -29,6 +32,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion, schedules
+from ddpm_jax.timesteps import resolve_steps, respaced_schedule, spaced_timesteps
+
+__all__ = [
+    "SAMPLERS",
+    "ChainState",
+    "ReverseChain",
+    "Trajectory",
+    "ddim_invert",
+    "guided_model_fn",
+    "respaced_schedule",
+    "reverse_chain",
+    "sample",
+    "spaced_timesteps",
+]
 
 SAMPLERS = ("ancestral", "ddim")
 
@@ -48,95 +65,6 @@ class Trajectory(NamedTuple):
     samples: jax.Array
     pred_x0: jax.Array
     timesteps: jax.Array
-
-
-# --------------------------------------------------------------------------- timesteps
-
-
-def spaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-    """K evenly spaced timesteps of a T-step chain, always keeping the first and the last.
-
-    t_i = round(i (T - 1)/(K - 1)) for i = 0..K-1 (Nichol & Dhariwal's even spacing); with
-    K = 1 the single step is T - 1, so that the chain still starts from pure noise.
-
-    Args:
-      num_timesteps: T of the full chain.
-      num_steps: K, in [1, T].
-
-    Returns:
-      int64 numpy array [K], strictly increasing, from 0 (K > 1) to T - 1.
-    """
-    if not isinstance(num_steps, int | np.integer) or isinstance(num_steps, bool):
-        raise ValueError(f"num_steps must be an integer or None, got {num_steps!r}.")
-    if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(
-            f"num_steps must lie in [1, T] = [1, {num_timesteps}], got {num_steps}; pass "
-            "num_steps=None for all T steps."
-        )
-    if num_steps == 1:
-        return np.array([num_timesteps - 1])
-    # floor(x + 0.5), not np.round: round-half-to-even can merge neighbours.
-    return np.floor(np.linspace(0, num_timesteps - 1, num_steps) + 0.5).astype(np.int64)
-
-
-def _check_timesteps(timesteps, num_timesteps: int) -> np.ndarray:
-    if isinstance(timesteps, jax.core.Tracer):
-        raise ValueError("timesteps must be concrete (a list or numpy array), not traced.")
-    ts = np.asarray(timesteps)
-    if ts.ndim != 1 or ts.size == 0 or not np.issubdtype(ts.dtype, np.integer):
-        raise ValueError(
-            f"timesteps must be a non-empty 1-D sequence of integers, got {timesteps!r}."
-        )
-    if ts[0] < 0 or ts[-1] >= num_timesteps or np.any(np.diff(ts) <= 0):
-        raise ValueError(
-            f"timesteps must be strictly increasing within [0, T) = [0, {num_timesteps}), "
-            f"got {ts.tolist()}."
-        )
-    return ts.astype(np.int64)
-
-
-def respaced_schedule(sched: schedules.Schedule, timesteps) -> schedules.Schedule:
-    """The schedule of the chain that visits only `timesteps` (Nichol & Dhariwal).
-
-    The respaced chain keeps ᾱ at the kept steps and recomputes β'_i = 1 - ᾱ_{t_i}/ᾱ_{t_{i-1}}
-    (`schedules.respace_betas`); every other coefficient follows from β' (`make_schedule`).
-    ᾱ is recomputed in float64 from the stored β rather than taken from the float32 ᾱ, whose
-    ratios lose digits when neighbouring steps are close. When `timesteps` is every step,
-    `sched` itself is returned, so that the respaced chain is the original one bit for bit.
-
-    Args:
-      sched: the full schedule, with concrete (not traced) arrays.
-      timesteps: strictly increasing integers in [0, T), shape [K].
-
-    Returns:
-      A `Schedule` of length K whose index i stands for original timestep `timesteps[i]`.
-    """
-    T = sched.num_timesteps
-    ts = _check_timesteps(timesteps, T)
-    if ts.size == T:  # strictly increasing in [0, T): every step.
-        return sched
-    if isinstance(sched.betas, jax.core.Tracer):
-        raise ValueError(
-            "Respacing needs a concrete schedule, but sched is traced; close over sched "
-            "instead of passing it as an argument of the jitted function."
-        )
-    ac = np.cumprod(1.0 - np.asarray(sched.betas, dtype=np.float64))
-    return schedules.make_schedule(schedules.respace_betas(ac, ts))
-
-
-def _resolve_steps(
-    sched: schedules.Schedule, num_steps: int | None, timesteps
-) -> tuple[schedules.Schedule, np.ndarray]:
-    T = sched.num_timesteps
-    if num_steps is not None and timesteps is not None:
-        raise ValueError("Pass num_steps or timesteps, not both.")
-    if timesteps is not None:
-        ts = _check_timesteps(timesteps, T)
-    elif num_steps is not None:
-        ts = spaced_timesteps(T, num_steps)
-    else:
-        ts = np.arange(T)
-    return respaced_schedule(sched, ts), ts
 
 
 # --------------------------------------------------------------------------- validation
@@ -207,7 +135,165 @@ def _ddim_step(model_fn, sub, x, i, t, key, *, parameterization, clip_denoised, 
     return x_prev + jnp.sqrt(sigma2) * z, pred_x0
 
 
-# --------------------------------------------------------------------------- samplers
+# --------------------------------------------------------------------------- the chain
+
+
+class ChainState(NamedTuple):
+    """What the reverse chain carries from step to step (a pytree).
+
+    Attributes:
+      x: float32 [*shape], the current point x_t of the chain.
+      frames: float32 [F, *shape], the recorded x̂_0 (F = 0 without a trajectory).
+    """
+
+    x: jax.Array
+    frames: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReverseChain:
+    """The reverse chain of one sampler over K timesteps, to run in one scan or in segments.
+
+    `sample` is `result(run(init(), 0, K))`. Running it in segments of any lengths (e.g. to
+    report progress between jitted calls) gives the same chain: step j of the K steps, counted
+    from the noisiest, always uses respaced index i = K - 1 - j, original timestep
+    `timesteps[i]` and the noise key `fold_in(key, timesteps[i])`. Steps j >= K of a segment
+    leave the state as it is, so that every segment can have the same length (one compile).
+
+    `sub` and `timesteps` may be traced (arguments of a jitted function): one compiled program
+    then serves every chain of the same length K. Build it with `reverse_chain`.
+
+    Attributes:
+      model_fn: `model_fn(x_t, t) -> prediction` (t: original int32 timesteps [B]).
+      sub: the respaced schedule, length K.
+      timesteps: int32 [K], the original timestep of each respaced index, increasing.
+      num_timesteps: T of the full chain (x_T is drawn with `fold_in(key, T)`).
+      shape: the static shape (B, ...) of the samples.
+      key: the chain's PRNG key.
+      sampler, parameterization, variance, clip_denoised, eta: as in `sample`.
+      every: record x̂_0 every `every` steps (0: no trajectory).
+    """
+
+    model_fn: ModelFn
+    sub: schedules.Schedule
+    timesteps: jax.Array
+    num_timesteps: int
+    shape: tuple[int, ...]
+    key: jax.Array
+    sampler: str = "ancestral"
+    parameterization: str = "x0"
+    variance: str = "fixedlarge"
+    clip_denoised: bool = True
+    eta: float = 0.0
+    every: int = 0
+
+    @property
+    def num_steps(self) -> int:
+        """K, the number of steps of the chain (static)."""
+        return self.timesteps.shape[0]
+
+    @property
+    def num_frames(self) -> int:
+        """F, the x̂_0 frames recorded (0 without a trajectory)."""
+        return (self.num_steps - 1) // self.every + 1 if self.every else 0
+
+    def init(self, x_T: jax.Array | None = None) -> ChainState:
+        """The state before the first step: x_T ~ N(0, I) from `fold_in(key, T)`, or `x_T`."""
+        if x_T is None:
+            x_T = jax.random.normal(
+                jax.random.fold_in(self.key, self.num_timesteps), self.shape, jnp.float32
+            )
+        elif tuple(x_T.shape) != self.shape:
+            raise ValueError(f"x_T must have shape {self.shape}, got {tuple(x_T.shape)}.")
+        frames = jnp.zeros((self.num_frames, *self.shape), jnp.float32)
+        return ChainState(jnp.asarray(x_T, jnp.float32), frames)
+
+    def run(self, state: ChainState, start: int | jax.Array, length: int) -> ChainState:
+        """Runs steps j = start, ..., start + length - 1 (those >= K do nothing) in one scan."""
+        K = self.num_steps
+        whole = isinstance(start, int) and start == 0 and length == K
+
+        def body(state, j):
+            if whole:
+                return self._step(state, j), None
+            new = jax.lax.cond(j < K, self._step, lambda s, _: s, state, jnp.minimum(j, K - 1))
+            return new, None
+
+        js = jnp.asarray(start, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
+        state, _ = jax.lax.scan(body, state, js)
+        return state
+
+    def result(self, state: ChainState) -> jax.Array | Trajectory:
+        """The samples (clipped to [-1, 1]), with the trajectory if one was recorded."""
+        samples = jnp.clip(state.x, -1.0, 1.0)
+        if not self.every:
+            return samples
+        rows = (self.num_frames - 1 - jnp.arange(self.num_frames)) * self.every
+        return Trajectory(samples, state.frames, jnp.asarray(self.timesteps, jnp.int32)[rows])
+
+    def _step(self, state: ChainState, j: jax.Array) -> ChainState:
+        i = self.num_steps - 1 - j
+        t = jnp.asarray(self.timesteps, jnp.int32)[i]
+        kw = dict(parameterization=self.parameterization, clip_denoised=self.clip_denoised)
+        if self.sampler == "ancestral":
+            x, pred_x0 = _ancestral_step(
+                self.model_fn, self.sub, state.x, i, t, self.key, variance=self.variance, **kw
+            )
+        else:
+            x, pred_x0 = _ddim_step(
+                self.model_fn, self.sub, state.x, i, t, self.key, eta=float(self.eta), **kw
+            )
+        frames = state.frames
+        if self.every:
+            # Frame f holds the step i = (F - 1 - f)·k; other steps write frame f back unchanged.
+            f = jnp.clip(self.num_frames - 1 - i // self.every, 0, self.num_frames - 1)
+            new = jnp.where(i % self.every == 0, pred_x0, frames[f])
+            frames = jax.lax.dynamic_update_index_in_dim(frames, new, f, 0)
+        return ChainState(x, frames)
+
+
+def reverse_chain(
+    model_fn: ModelFn,
+    sched: schedules.Schedule,
+    shape: Sequence[int],
+    key: jax.Array,
+    *,
+    parameterization: str = "x0",
+    variance: str = "fixedlarge",
+    clip_denoised: bool = True,
+    sampler: str = "ancestral",
+    num_steps: int | None = None,
+    timesteps: Sequence[int] | np.ndarray | None = None,
+    eta: float = 0.0,
+    return_trajectory_every: int = 0,
+) -> ReverseChain:
+    """Checks the arguments of `sample` and builds its `ReverseChain` (see `sample`)."""
+    _check_choice(sampler, SAMPLERS, "sampler")
+    _check_choice(parameterization, diffusion.PARAMETERIZATIONS, "parameterization")
+    _check_choice(variance, diffusion.VARIANCES, "variance")
+    shape = _check_shape(shape)
+    if not isinstance(eta, int | float) or isinstance(eta, bool) or not eta >= 0.0:
+        raise ValueError(f"eta must be a number >= 0, got {eta!r}.")
+    if eta != 0.0 and sampler != "ddim":
+        raise ValueError(f"eta={eta} applies to sampler='ddim' only; got sampler={sampler!r}.")
+    every = return_trajectory_every
+    if not isinstance(every, int | np.integer) or isinstance(every, bool) or every < 0:
+        raise ValueError(f"return_trajectory_every must be an int >= 0, got {every!r}.")
+    sub, ts = resolve_steps(sched, num_steps, timesteps)
+    return ReverseChain(
+        model_fn=model_fn,
+        sub=sub,
+        timesteps=jnp.asarray(ts, jnp.int32),
+        num_timesteps=sched.num_timesteps,
+        shape=shape,
+        key=key,
+        sampler=sampler,
+        parameterization=parameterization,
+        variance=variance,
+        clip_denoised=clip_denoised,
+        eta=float(eta),
+        every=int(every),
+    )
 
 
 def sample(
@@ -266,77 +352,21 @@ def sample(
       ValueError: unknown sampler/parameterization/variance, bad shape, num_steps outside
         [1, T], bad timesteps, eta < 0 or eta != 0 for "ancestral", x_T of the wrong shape.
     """
-    _check_choice(sampler, SAMPLERS, "sampler")
-    _check_choice(parameterization, diffusion.PARAMETERIZATIONS, "parameterization")
-    _check_choice(variance, diffusion.VARIANCES, "variance")
-    shape = _check_shape(shape)
-    if not isinstance(eta, int | float) or isinstance(eta, bool) or not eta >= 0.0:
-        raise ValueError(f"eta must be a number >= 0, got {eta!r}.")
-    if eta != 0.0 and sampler != "ddim":
-        raise ValueError(f"eta={eta} applies to sampler='ddim' only; got sampler={sampler!r}.")
-    every = return_trajectory_every
-    if not isinstance(every, int | np.integer) or isinstance(every, bool) or every < 0:
-        raise ValueError(f"return_trajectory_every must be an int >= 0, got {every!r}.")
-    sub, ts = _resolve_steps(sched, num_steps, timesteps)
-    T, K = sched.num_timesteps, ts.size
-
-    if x_T is None:
-        x_T = jax.random.normal(jax.random.fold_in(key, T), shape, jnp.float32)
-    elif tuple(x_T.shape) != shape:
-        raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}.")
-    x_T = jnp.asarray(x_T, jnp.float32)
-
-    if sampler == "ancestral":
-
-        def step(x, i, t):
-            return _ancestral_step(
-                model_fn,
-                sub,
-                x,
-                i,
-                t,
-                key,
-                parameterization=parameterization,
-                variance=variance,
-                clip_denoised=clip_denoised,
-            )
-
-    else:
-
-        def step(x, i, t):
-            return _ddim_step(
-                model_fn,
-                sub,
-                x,
-                i,
-                t,
-                key,
-                parameterization=parameterization,
-                clip_denoised=clip_denoised,
-                eta=float(eta),
-            )
-
-    num_frames = (K - 1) // every + 1 if every else 0
-
-    def body(carry, it):
-        x, frames = carry
-        i, t = it
-        x, pred_x0 = step(x, i, t)
-        if every:
-            # Frame f holds the step i = (F - 1 - f)·k; other steps write frame f back unchanged.
-            f = jnp.clip(num_frames - 1 - i // every, 0, num_frames - 1)
-            new = jnp.where(i % every == 0, pred_x0, frames[f])
-            frames = jax.lax.dynamic_update_index_in_dim(frames, new, f, 0)
-        return (x, frames), None
-
-    frames = jnp.zeros((num_frames, *shape), jnp.float32) if every else None
-    steps = (jnp.arange(K - 1, -1, -1, dtype=jnp.int32), jnp.asarray(ts[::-1], jnp.int32))
-    (x, frames), _ = jax.lax.scan(body, (x_T, frames), steps)
-    samples = jnp.clip(x, -1.0, 1.0)
-    if not every:
-        return samples
-    frame_ts = ts[np.arange(num_frames - 1, -1, -1) * every]
-    return Trajectory(samples, frames, jnp.asarray(frame_ts, jnp.int32))
+    chain = reverse_chain(
+        model_fn,
+        sched,
+        shape,
+        key,
+        parameterization=parameterization,
+        variance=variance,
+        clip_denoised=clip_denoised,
+        sampler=sampler,
+        num_steps=num_steps,
+        timesteps=timesteps,
+        eta=eta,
+        return_trajectory_every=return_trajectory_every,
+    )
+    return chain.result(chain.run(chain.init(x_T), 0, chain.num_steps))
 
 
 def ddim_invert(
@@ -387,7 +417,7 @@ def ddim_invert(
         raise ValueError(f"fixed_point_iters must be an int >= 0, got {fixed_point_iters!r}.")
     if x0.ndim < 1:
         raise ValueError(f"x0 must have a batch dimension [B, ...], got shape {x0.shape}.")
-    sub, ts = _resolve_steps(sched, num_steps, timesteps)
+    sub, ts = resolve_steps(sched, num_steps, timesteps)
     x0 = jnp.asarray(x0, jnp.float32)
 
     def body(x, it):

@@ -15,7 +15,7 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-from ddpm_jax import xla_flags  # noqa: E402  (imports JAX, starts no backend)
+from ddpm_jax.runtime import xla_flags  # noqa: E402  (imports JAX, starts no backend)
 
 _FLAGS = ("--xla_force_host_platform_device_count=8",)
 os.environ["XLA_FLAGS"] = " ".join(

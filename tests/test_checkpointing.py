@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import checkpointing, sharding
+from ddpm_jax.runtime import checkpointing, preemption, sharding
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -291,7 +291,7 @@ def test_catch_termination_sets_flag_and_restores_handler():
 
     original = signal.signal(signal.SIGTERM, sentinel)
     try:
-        with checkpointing.catch_termination() as flag:
+        with preemption.catch_termination() as flag:
             assert not flag.is_set()
             os.kill(os.getpid(), signal.SIGTERM)
             deadline = time.monotonic() + 5
@@ -307,7 +307,7 @@ _KILL_CHILD = textwrap.dedent(
     """
     import sys
     import jax.numpy as jnp
-    from ddpm_jax import checkpointing
+    from ddpm_jax.runtime import checkpointing
 
     ckpt = checkpointing.Checkpointer(sys.argv[1], save_every_steps=1, keep_last=3)
     big = jnp.zeros((512, 1024), jnp.float32)  # 2 MiB: writes take long enough to be cut.
@@ -368,7 +368,7 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import checkpointing, sharding
+from ddpm_jax.runtime import checkpointing, sharding
 
 mesh = sharding.make_mesh()
 assert mesh.devices.size == 4 and jax.process_count() == 2

@@ -14,9 +14,14 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from ddpm_jax import checkpointing, diffusion, evaluate, fid, generate, input_pipeline, train
-from ddpm_jax import sharding as shd
+from ddpm_jax import diffusion, fid, train
+from ddpm_jax.data import pipeline as input_pipeline
+from ddpm_jax.evaluation import bpd, evaluate, fid_score
 from ddpm_jax.fid import inception, weights
+from ddpm_jax.inference.sampler import Sampler
+from ddpm_jax.runtime import checkpointing
+from ddpm_jax.runtime import sharding as shd
+from ddpm_jax.runtime import workdir as wd
 
 STEP = 3
 N_EVAL = 13  # with eval batches of 8: one full batch and one of 5 real rows + 3 padding.
@@ -38,7 +43,7 @@ def small_config(data_dir):
 
 def make_workdir(workdir, config):
     """config.json plus a step-3 checkpoint of random parameters (no training compiled)."""
-    _, _, _, abstract, _ = train.build(config, shd.make_mesh())
+    abstract = train.build(config, shd.make_mesh()).abstract
     rng = np.random.default_rng(0)
 
     def draw(leaf):
@@ -47,7 +52,7 @@ def make_workdir(workdir, config):
         return (0.2 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
 
     state = dataclasses.replace(jax.tree.map(draw, abstract), step=np.int32(STEP))
-    train.write_config(config, str(workdir))
+    wd.write_config(config, str(workdir))
     with checkpointing.Checkpointer(str(workdir), save_every_steps=1, async_save=False) as ckpt:
         ckpt.save(STEP, state, {"data_step": STEP}, force=True)
 
@@ -63,7 +68,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sampler(run):
     config, workdir = run
-    return generate.Sampler.from_config(generate.resolve_config(config, workdir), workdir)
+    return Sampler.from_config(wd.resolve_config(config, workdir), workdir)
 
 
 def split_images(config, split, n):
@@ -84,7 +89,7 @@ def test_bits_per_dim_equals_per_example_oracle_and_skips_fid(run, sampler, capl
     d = config.diffusion
     bound = jax.jit(
         lambda x, key: diffusion.bits_per_dim(
-            train.make_model_fn(sampler.model, sampler.params),
+            sampler.experiment.model_fn(sampler.params),
             sampler.sched,
             x[None],
             key,
@@ -95,7 +100,7 @@ def test_bits_per_dim_equals_per_example_oracle_and_skips_fid(run, sampler, capl
         )
     )
     images = split_images(config, config.eval.split, N_EVAL).astype(np.float32)
-    key = evaluate.bpd_key(config)
+    key = bpd.bpd_key(config)
     per = [jax.device_get(bound(images[i], jax.random.fold_in(key, i))) for i in range(N_EVAL)]
     mean = {f: np.mean([getattr(p, f)[0] for p in per]) for f in diffusion.BitsPerDim._fields}
     terms = np.mean([p.terms[0] for p in per], axis=0)
@@ -151,9 +156,10 @@ def test_fid_wiring_against_oracle_and_reference_cache(run, sampler, tmp_path, m
     fake = weights.InceptionWeights({}, fingerprint, Path("fake.npz"))
     monkeypatch.setattr(fid, "make_feature_fn", make_feature_fn)
     monkeypatch.setattr(fid, "try_load_inception_weights", lambda *a, **k: (fake, None))
-    config = generate.resolve_config(config, workdir)
+    config = wd.resolve_config(config, workdir)
     config.eval.fid_cache_dir = str(tmp_path)
-    result = evaluate.fid_score(sampler, config)
+    sampler = Sampler.from_config(config, workdir)
+    result = fid_score.fid_score(sampler)
 
     def stats(uint8_images):
         x = np.asarray(uint8_images, np.float32) / 127.5 - 1.0
@@ -171,7 +177,7 @@ def test_fid_wiring_against_oracle_and_reference_cache(run, sampler, tmp_path, m
 
     # Again: the reference statistics come from the cache; only samples go through the net.
     rows.clear()
-    again = evaluate.fid_score(sampler, config)
+    again = fid_score.fid_score(sampler)
     assert sum(rows) == 16 and again["fid"] == pytest.approx(result["fid"], rel=1e-9)
 
 

@@ -1,4 +1,4 @@
-"""Sampling from a workdir: `load_sampler` and `--mode=sample` (`generate.generate`)."""
+"""Sampling from a workdir: `load_sampler` and `--mode=sample` (`write_samples`)."""
 
 import dataclasses
 import json
@@ -9,10 +9,14 @@ import jax
 import numpy as np
 import pytest
 
+import ddpm_jax
 from configs import tiny
-from ddpm_jax import checkpointing, generate, sampling, train
-from ddpm_jax import sharding as shd
-from ddpm_jax.sampler import Sampler, SamplingOptions, chunk_sizes
+from ddpm_jax import sampling, train
+from ddpm_jax.inference import write_samples
+from ddpm_jax.inference.sampler import Sampler, SamplingOptions, chunk_sizes
+from ddpm_jax.runtime import checkpointing
+from ddpm_jax.runtime import sharding as shd
+from ddpm_jax.runtime import workdir as wd
 
 STEP = 3
 
@@ -35,7 +39,7 @@ def make_workdir(workdir, config):
     The EMA parameters differ from `params`, so restoring the wrong subtree shows.
     No training step is compiled: the leaves are drawn with numpy from the abstract state.
     """
-    _, _, _, abstract, _ = train.build(config, shd.make_mesh())
+    abstract = train.build(config, shd.make_mesh()).abstract
     rng = np.random.default_rng(0)
 
     def draw(leaf):
@@ -45,7 +49,7 @@ def make_workdir(workdir, config):
 
     state = jax.tree.map(draw, abstract)
     state = dataclasses.replace(state, step=np.int32(STEP))
-    train.write_config(config, str(workdir))
+    wd.write_config(config, str(workdir))
     with checkpointing.Checkpointer(str(workdir), save_every_steps=1, async_save=False) as ckpt:
         ckpt.save(STEP, state, {"data_step": STEP}, force=True)
     return state
@@ -61,7 +65,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sampler(run):
-    return generate.load_sampler(run[1])
+    return ddpm_jax.load_sampler(run[1])
 
 
 def test_load_sampler_restores_only_the_ema_params(run, sampler):
@@ -102,7 +106,7 @@ def test_image_keys_match_the_documented_derivation(run, sampler):
     got = sampler.sample_float(10, seed=3)[9]  # chunk 1, image 1
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(3), 1), 1)
     expected = sampling.sample(
-        train.make_model_fn(sampler.model, sampler.params),
+        sampler.experiment.model_fn(sampler.params),
         sampler.sched,
         (1, 8, 8, 1),
         jax.random.split(key)[0],
@@ -130,15 +134,15 @@ def test_bad_requests_raise_clear_errors(run, sampler):
     with pytest.raises(ValueError, match="key or seed"):
         sampler.sample(2, 1, seed=1)
     with pytest.raises(ValueError, match=r"model\.ch"):
-        generate.load_sampler(workdir, config_overrides={"model.ch": 64})
+        ddpm_jax.load_sampler(workdir, config_overrides={"model.ch": 64})
     with pytest.raises(ValueError, match=r"sampling\.nope"):
-        generate.load_sampler(workdir, config_overrides={"sampling.nope": 1})
+        ddpm_jax.load_sampler(workdir, config_overrides={"sampling.nope": 1})
     with pytest.raises(FileNotFoundError, match="step 4"):
-        generate.load_sampler(workdir, step=4)
+        ddpm_jax.load_sampler(workdir, step=4)
 
 
 def test_overrides_and_ddim(run):
-    sampler = generate.load_sampler(
+    sampler = ddpm_jax.load_sampler(
         run[1], config_overrides={"sampling.sampler": "ddim", "sampling.num_steps": 4}
     )
     assert sampler.options() == SamplingOptions("ddim", 4, 0.0, 1.0)
@@ -154,13 +158,13 @@ def test_resolve_config_keeps_trained_fields_and_warns(run, caplog):
     cli.sampling.num_samples = 5
     cli.data.data_dir = "/elsewhere"
     with caplog.at_level(logging.WARNING):
-        merged = generate.resolve_config(cli, workdir)
+        merged = wd.resolve_config(cli, workdir)
     assert merged.model.ch == 32 and merged.sampling.num_samples == 5
     assert merged.data.data_dir == "/elsewhere"  # where the data is, not what was trained
     warnings = [r.getMessage() for r in caplog.records if "trained field" in r.getMessage()]
     assert len(warnings) == 1 and "model.ch (64 -> 32)" in warnings[0]
     cli.data.data_dir = None  # unset: where training had it
-    assert generate.resolve_config(cli, workdir).data.data_dir == config.data.data_dir
+    assert wd.resolve_config(cli, workdir).data.data_dir == config.data.data_dir
 
 
 def _listing(directory):
@@ -169,8 +173,8 @@ def _listing(directory):
 
 def test_generate_writes_chunks_and_resumes(run, sampler):
     config, workdir, _ = run
-    out = os.path.join(workdir, generate.SAMPLES_SUBDIR)
-    path = generate.generate(config, workdir)
+    out = os.path.join(workdir, wd.SAMPLES_SUBDIR)
+    path = write_samples.write_samples(config, workdir)
     assert path == os.path.join(out, "samples.npz")
     names = [f"chunk_{i:05d}" for i in range(3)]
     assert set(os.listdir(out)) == {
@@ -191,7 +195,7 @@ def test_generate_writes_chunks_and_resumes(run, sampler):
     os.remove(os.path.join(out, "chunk_00001.npz"))
     with open(os.path.join(out, "chunk_00001.npz.tmp"), "wb") as f:
         f.write(b"partial")
-    generate.generate(config, workdir)
+    write_samples.write_samples(config, workdir)
     after = _listing(out)
     for name in ("chunk_00000.npz", "chunk_00000.png", "chunk_00002.npz", "chunk_00002.png"):
         assert after[name] == before[name], name
@@ -203,18 +207,20 @@ def test_generate_writes_chunks_and_resumes(run, sampler):
     other = small_config(config.data.data_dir)
     other.sampling.seed = 8
     with pytest.raises(ValueError, match="seed"):
-        generate.generate(other, workdir)
+        write_samples.write_samples(other, workdir)
 
 
-def test_sampler_is_importable_from_generate():
-    assert generate.Sampler is Sampler
+def test_sampler_is_importable_from_the_package_top():
+    from ddpm_jax.inference import sampler as sampler_lib
+
+    assert ddpm_jax.Sampler is Sampler and ddpm_jax.load_sampler is sampler_lib.load_sampler
 
 
 def test_class_conditional_labels_and_guidance(tmp_path):
     config = small_config(tmp_path / "tfds")
     config.model.num_classes = 10
     make_workdir(tmp_path / "run", config)
-    sampler = generate.load_sampler(str(tmp_path / "run"))
+    sampler = ddpm_jax.load_sampler(str(tmp_path / "run"))
     given = np.array([0, 0, 0, 9, 9, 10], np.int32)  # 10: the null (unconditional) class
     images, labels = sampler.sample(6, seed=0, labels=given, guidance_scale=2.0, return_labels=True)
     np.testing.assert_array_equal(labels, given)

@@ -14,8 +14,8 @@ from sklearn.datasets import load_digits
 
 from configs import default
 from configs import digits as digits_config
-from ddpm_jax import input_pipeline as ip
-from ddpm_jax.datasets import digits
+from ddpm_jax.data import digits
+from ddpm_jax.data import pipeline as ip
 
 N = 37  # examples in the fake source: prime, so global batches straddle epoch ends.
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from ddpm_jax import distributed
-from ddpm_jax.distributed import ClusterSpec, detect_cluster
+from ddpm_jax.runtime import distributed
+from ddpm_jax.runtime.distributed import ClusterSpec, detect_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -467,7 +467,7 @@ def test_local_multiprocess_runs_all_and_propagates_failure(fake_bin, tmp_path):
 
 CHECK_ALL_REDUCE = """
 import numpy as np
-from ddpm_jax.distributed import initialize_if_needed
+from ddpm_jax.runtime.distributed import initialize_if_needed
 spec = initialize_if_needed()
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import sharding
+from ddpm_jax.runtime import sharding
 
 
 @pytest.fixture(scope="module")

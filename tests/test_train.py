@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from ddpm_jax import checkpointing, train
-from ddpm_jax import sharding as shd
+from ddpm_jax import train
+from ddpm_jax.experiment import ExperimentConfig
+from ddpm_jax.runtime import checkpointing
+from ddpm_jax.runtime import sharding as shd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +27,10 @@ def tiny_config(**training):
     for k, v in training.items():
         config.training[k] = v
     return config
+
+
+def _optim(config):
+    return ExperimentConfig.from_config(config).optim
 
 
 def assert_trees_equal(a, b):
@@ -136,12 +142,12 @@ def test_sharded_step_equals_single_device_step():
     results = {}
     for name, devices in [("one", jax.devices()[:1]), ("eight", jax.devices()[:8])]:
         mesh = shd.make_mesh(devices=devices)
-        model, sched, optimizer, abstract, init_fn = train.build(config, mesh)
-        state = shd.init_sharded(init_fn, abstract, jax.random.PRNGKey(0))
+        setup = train.build(config, mesh)
+        state = shd.init_sharded(setup.init_fn, setup.abstract, jax.random.PRNGKey(0))
         step = jax.jit(
-            train.make_train_step(model, sched, optimizer, config),
-            in_shardings=(shd.shardings_of(abstract), shd.batch_sharding(mesh)),
-            out_shardings=(shd.shardings_of(abstract), shd.replicated(mesh)),
+            train.make_train_step(setup.experiment, setup.optimizer),
+            in_shardings=(shd.shardings_of(setup.abstract), shd.batch_sharding(mesh)),
+            out_shardings=(shd.shardings_of(setup.abstract), shd.replicated(mesh)),
         )
         batch = shd.host_to_global(batch_np, mesh)
         losses = []
@@ -174,12 +180,12 @@ def test_fsdp_and_grad_accumulation_match_the_plain_step():
         config.mesh.fsdp_min_size = 1024  # the tiny model's leaves are small.
         config.training.grad_accum_steps = accum
         mesh = shd.make_mesh()
-        model, sched, optimizer, abstract, init_fn = train.build(config, mesh)
-        state = shd.init_sharded(init_fn, abstract, jax.random.PRNGKey(0))
+        setup = train.build(config, mesh)
+        state = shd.init_sharded(setup.init_fn, setup.abstract, jax.random.PRNGKey(0))
         step = jax.jit(
-            train.make_train_step(model, sched, optimizer, config),
-            in_shardings=(shd.shardings_of(abstract), shd.batch_sharding(mesh)),
-            out_shardings=(shd.shardings_of(abstract), shd.replicated(mesh)),
+            train.make_train_step(setup.experiment, setup.optimizer),
+            in_shardings=(shd.shardings_of(setup.abstract), shd.batch_sharding(mesh)),
+            out_shardings=(shd.shardings_of(setup.abstract), shd.replicated(mesh)),
         )
         state, m = step(state, shd.host_to_global(batch_np, mesh))
         outs[name] = (state, float(m["loss"]))
@@ -206,7 +212,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     with pytest.raises(train.NonFiniteLossError, match=r"Non-finite loss or gradient at step \d+"):
         train.train_and_evaluate(config, str(tmp_path))
     for step in checkpointing.Checkpointer(str(tmp_path), save_every_steps=2).all_steps():
-        abstract = train.build(config, shd.make_mesh())[3]
+        abstract = train.build(config, shd.make_mesh()).abstract
         state, _ = checkpointing.Checkpointer(str(tmp_path), save_every_steps=2).restore(
             abstract, step
         )
@@ -238,23 +244,23 @@ def test_bad_configs_fail_before_compiling(edit, match, tmp_path):
 def test_ema_decay_warms_up_and_the_step_applies_it():
     config = tiny_config()
     config.optim.ema_decay = 0.99
-    decay = train.make_ema_decay_fn(config.optim)
+    decay = train.make_ema_decay_fn(_optim(config))
     np.testing.assert_allclose(
         [float(decay(s)) for s in (0, 8, 80, 10_000)], [0.1, 0.5, 0.9, 0.99], rtol=1e-6
     )
     config.optim.ema_warmup = False
-    assert float(train.make_ema_decay_fn(config.optim)(0)) == np.float32(0.99)
+    assert float(train.make_ema_decay_fn(_optim(config))(0)) == np.float32(0.99)
     config.optim.ema_warmup = True
     # One step from the initial state: EMA = 0.1 · initial + 0.9 · updated parameters.
     mesh = shd.make_mesh(devices=jax.devices()[:1])
-    model, sched, optimizer, abstract, init_fn = train.build(config, mesh)
-    state = shd.init_sharded(init_fn, abstract, jax.random.PRNGKey(0))
+    setup = train.build(config, mesh)
+    state = shd.init_sharded(setup.init_fn, setup.abstract, jax.random.PRNGKey(0))
     initial = jax.device_get(state.params)
     batch = {
         "image": np.random.default_rng(2).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32),
         "label": np.zeros(8, np.int32),
     }
-    new, _ = jax.jit(train.make_train_step(model, sched, optimizer, config))(state, batch)
+    new, _ = jax.jit(train.make_train_step(setup.experiment, setup.optimizer))(state, batch)
     expected = jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, initial, jax.device_get(new.params))
     for a, b in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-7)

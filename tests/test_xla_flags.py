@@ -2,7 +2,7 @@
 
 import os
 
-from ddpm_jax import xla_flags
+from ddpm_jax.runtime import xla_flags
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 

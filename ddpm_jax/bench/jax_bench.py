@@ -14,9 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from ddpm_jax import models, train
-from ddpm_jax import sharding as shd
 from ddpm_jax.bench.common import (
     BenchSettings,
     flop_rates,
@@ -25,7 +25,9 @@ from ddpm_jax.bench.common import (
     sampling_figures,
     time_steps,
 )
-from ddpm_jax.config_checks import validate_config
+from ddpm_jax.experiment import ExperimentConfig, SamplingOptions
+from ddpm_jax.experiment.chain_program import ChainProgram, raw_key
+from ddpm_jax.runtime import sharding as shd
 
 
 def bench_config(config: ml_collections.ConfigDict, batch_size: int) -> ml_collections.ConfigDict:
@@ -123,13 +125,16 @@ def measure(
     """
     B = settings.batch_size
     cfg = bench_config(config, B)
-    mesh = shd.make_mesh(cfg.mesh)
+    mesh = shd.make_mesh()
     n_dev = int(mesh.devices.size)
-    validate_config(cfg, num_devices=n_dev, process_count=jax.process_count())
-    model, sched, optimizer, abstract, init_fn = train.build(cfg, mesh)
+    parsed = ExperimentConfig.from_config(cfg)
+    parsed.check_devices(n_dev, jax.process_count())
+    setup = train.build(parsed, mesh)
+    experiment = setup.experiment
+    sched = experiment.schedule
     key = jax.random.PRNGKey(settings.seed)
-    state = shd.init_sharded(init_fn, abstract, jax.random.fold_in(key, 0))
-    state_sh = shd.shardings_of(abstract)
+    state = shd.init_sharded(setup.init_fn, setup.abstract, jax.random.fold_in(key, 0))
+    state_sh = shd.shardings_of(setup.abstract)
     batch_sh, replicated = shd.batch_sharding(mesh), shd.replicated(mesh)
     size, ch = int(cfg.data.image_size), int(cfg.data.channels)
     images = jax.random.uniform(jax.random.fold_in(key, 1), (B, size, size, ch), jnp.float32, -1, 1)
@@ -145,7 +150,7 @@ def measure(
     if "train" in settings.parts:
         logging.info("ddpm_jax: compiling and timing the train step.")
         step_fn = jax.jit(
-            train.make_train_step(model, sched, optimizer, cfg),
+            train.make_train_step(experiment, setup.optimizer),
             in_shardings=(state_sh, batch_sh),
             out_shardings=(state_sh, replicated),
             donate_argnums=(0,),
@@ -179,7 +184,7 @@ def measure(
         logging.info("ddpm_jax: compiling and timing the forward pass.")
 
         def forward(params, x, t):
-            return train.make_model_fn(model, params)(x, t)
+            return experiment.model_fn(params)(x, t)
 
         fwd = jax.jit(
             forward, in_shardings=(state_sh.ema_params, batch_sh, batch_sh), out_shardings=batch_sh
@@ -204,40 +209,33 @@ def measure(
 
     if "sampling" in settings.parts:
         logging.info("ddpm_jax: compiling and timing the sampler.")
-        result["sampling"] = _measure_sampling(
-            cfg, settings, model, sched, state, state_sh, batch_sh, replicated, key, result
-        )
+        result["sampling"] = _measure_sampling(experiment, mesh, settings, state, key, result)
     result["memory"] = device_memory()
     return result
 
 
-def _sampler(cfg, model, sched, num_images, num_steps, state_sh, batch_sh, replicated):
-    """The jitted ancestral sampler of `train_and_evaluate` for a chain of `num_steps` steps."""
-    c = cfg.copy_and_resolve_references()
-    c.sampling.sampler = "ancestral"
-    c.sampling.eta = 0.0
-    c.sampling.num_steps = 0 if num_steps == sched.num_timesteps else int(num_steps)
-    return jax.jit(
-        train.make_sample_fn(model, sched, c, num_images),
-        in_shardings=(state_sh.ema_params, replicated),
-        out_shardings=batch_sh,
-    )
+class _TimedChain:
+    """The ancestral chain of `load_sampler` and the training grids (`ChainProgram`)."""
+
+    def __init__(self, experiment, mesh, batch: int, num_steps: int, params, key):
+        T = experiment.schedule.num_timesteps
+        options = SamplingOptions("ancestral", 0 if num_steps == T else int(num_steps))
+        self.program = ChainProgram(experiment, mesh, batch, options)
+        self.args = (params, raw_key(key, 0), 0, np.full((batch,), -1, np.int32))
+
+    def __call__(self):
+        return self.program(*self.args)[0]
 
 
-def _measure_sampling(cfg, settings, model, sched, state, state_sh, batch_sh, replicated, key,
-                      result) -> dict[str, Any]:  # fmt: skip
-    B, K, T = settings.batch_size, settings.sample_steps, sched.num_timesteps
+def _measure_sampling(experiment, mesh, settings, state, key, result) -> dict[str, Any]:
+    B, K, T = settings.batch_size, settings.sample_steps, experiment.schedule.num_timesteps
     if K > T:
         raise ValueError(f"sample_steps = {K} exceeds the schedule's T = {T}; lower it.")
-    sample_key = jax.device_put(jax.random.fold_in(key, 4), replicated)
-    jitted = _sampler(cfg, model, sched, B, K, state_sh, batch_sh, replicated)
-    compiled, times = compile_timed(jitted, state.ema_params, sample_key)
-
-    def run_chain():
-        return compiled(state.ema_params, sample_key)
-
-    _warm(run_chain, min(settings.warmup, 1))
-    timing = time_steps(run_chain, _sync, steps=1, repeats=settings.repeats)
+    sample_key = np.asarray(jax.random.fold_in(key, 4))
+    chain = _TimedChain(experiment, mesh, B, K, state.ema_params, sample_key)
+    times = _compile_only(chain)
+    _warm(chain, 1)
+    timing = time_steps(chain, _sync, steps=1, repeats=settings.repeats)
     lengths = settings.compile_sample_steps or (K, T)
     compile_by_length = {}
     for length in dict.fromkeys(lengths):  # unique, in order.
@@ -246,8 +244,18 @@ def _measure_sampling(cfg, settings, model, sched, state, state_sh, batch_sh, re
         if length == K:
             compile_by_length[str(length)] = times
         else:
-            other = _sampler(cfg, model, sched, B, length, state_sh, batch_sh, replicated)
-            compile_by_length[str(length)] = compile_timed(other, state.ema_params, sample_key)[1]
+            other = _TimedChain(experiment, mesh, B, length, state.ema_params, sample_key)
+            compile_by_length[str(length)] = _compile_only(other)
     figures = sampling_figures(timing, K, T, B, result.get("forward"))
     figures["compile_by_chain_steps"] = compile_by_length
     return figures
+
+
+def _compile_only(chain: _TimedChain) -> dict[str, float]:
+    """Lower and compile times of the program that runs the chain's steps (one segment)."""
+    program = chain.program
+    params = chain.args[0]
+    keys, labels = program._prepare(*shd.global_replicated(chain.args[1:], program.mesh))
+    state = program._init(program._sub, program._ts, keys)
+    args = (params, program._sub, program._ts, state, keys, labels, np.int32(0))
+    return compile_timed(program._run, *args)[1]

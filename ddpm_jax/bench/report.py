@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import json
 import os
 import platform
 from typing import Any
@@ -14,6 +13,7 @@ import ml_collections
 
 from ddpm_jax.bench import jax_bench
 from ddpm_jax.bench.common import BenchSettings, finite_or_none, peak_tflops_for
+from ddpm_jax.runtime import workdir
 
 REFERENCES = ("torch",)
 
@@ -110,12 +110,9 @@ def ratios(ours: dict[str, Any], ref: dict[str, Any]) -> dict[str, float | None]
 
 
 def write_json(results: dict[str, Any], path: str) -> None:
-    """Writes `results` as indented JSON to `path` (atomically)."""
+    """Writes `results` as indented JSON to `path` (atomically), in the order of `results`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    workdir.write_json(path, results, sort_keys=False)
 
 
 # --------------------------------------------------------------------------- the table

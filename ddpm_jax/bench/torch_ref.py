@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ddpm_jax import models, sampling, train
+from ddpm_jax import models, timesteps
 from ddpm_jax.bench.common import (
     BenchSettings,
     flop_rates,
@@ -31,6 +31,7 @@ from ddpm_jax.bench.common import (
     sampling_figures,
     time_steps,
 )
+from ddpm_jax.experiment import ExperimentConfig
 from ddpm_jax.models.config import num_groups
 
 
@@ -113,7 +114,7 @@ def measure(
     logging.info("torch reference: %s, %d threads.", device, threads)
     net = UNet2DModel(**diffusers_kwargs(config)).to(dev)
     num_params = sum(p.numel() for p in net.parameters())
-    sched = train.make_schedule(config)
+    sched = ExperimentConfig.from_config(config).diffusion.make_schedule()
     T, B = sched.num_timesteps, settings.batch_size
     size, ch = int(config.data.image_size), int(config.data.channels)
     sqrt_ac = torch.tensor(np.asarray(sched.sqrt_alphas_cumprod), device=dev)
@@ -213,10 +214,10 @@ def _sampling(torch, net, config, settings, dev, autocast, sync, gen, labels, re
     d = config.diffusion
     if d.parameterization != "x0":
         raise ValueError("The torch reference samples x0-parameterised models only.")
-    sched = train.make_schedule(config)
+    sched = ExperimentConfig.from_config(config).diffusion.make_schedule()
     T, K, B = sched.num_timesteps, settings.sample_steps, settings.batch_size
-    ts = sampling.spaced_timesteps(T, K) if K < T else np.arange(T)
-    sub = sampling.respaced_schedule(sched, ts)
+    ts = timesteps.spaced_timesteps(T, K) if K < T else np.arange(T)
+    sub = timesteps.respaced_schedule(sched, ts)
     coef1 = np.asarray(sub.posterior_mean_coef1, np.float64)
     coef2 = np.asarray(sub.posterior_mean_coef2, np.float64)
     if d.variance == "fixedsmall":

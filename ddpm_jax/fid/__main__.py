@@ -11,7 +11,9 @@ python -m ddpm_jax.fid check FILE [--sha256 HEX]
 import argparse
 import sys
 
+from ddpm_jax import errors
 from ddpm_jax.fid import weights
+from ddpm_jax.runtime.workdir import resolve_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file")
     check.add_argument("--sha256", default=None)
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, OSError, ImportError) as e:  # a bad file, hash, path or missing torch.
+        print(f"error: {errors.one_line(e)}", file=sys.stderr)
+        return errors.EXIT_USER_ERROR
 
+
+def _run(args: argparse.Namespace) -> int:
+    # Paths are resolved here, once: the conversion writes where the user pointed.
+    if args.command == "convert":
+        args.out_dir = resolve_path(args.out_dir)
+        if "://" not in args.source:
+            args.source = resolve_path(args.source)
+    else:
+        args.file = resolve_path(args.file)
     if args.command == "convert":
         pth = weights.fetch(args.source, args.out_dir, args.sha256)
         out = weights.convert_torch_checkpoint(pth, args.out_dir)

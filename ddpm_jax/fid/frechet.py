@@ -16,6 +16,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import linalg
 
+from ddpm_jax.runtime.workdir import atomic_writer
+
 
 class FeatureStats(NamedTuple):
     """Running statistics of feature vectors (Chan et al.'s parallel update, float64).
@@ -145,10 +147,8 @@ def save_stats(
     arrays = {"mu": mu, "sigma": sigma}
     if num_examples is not None:
         arrays["num_examples"] = np.asarray(num_examples, np.int64)
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "wb") as f:
+    with atomic_writer(path, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

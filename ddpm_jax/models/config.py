@@ -8,11 +8,13 @@ traced or compiled, and the network only ever sees the resulting frozen dataclas
 from __future__ import annotations
 
 import dataclasses
-import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+
+from ddpm_jax import fields
+from ddpm_jax.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -67,11 +69,12 @@ class ModelConfig:
 
     def __post_init__(self):
         # Normalise sequences to tuples so the config stays hashable (a static jit argument).
-        for name in ("ch_mult", "attn_resolutions"):
-            value = getattr(self, name)
-            if not _is_sequence(value) or not all(_is_int(v) for v in value):
-                raise ValueError(f"model.{name} must be a tuple of ints, got {value!r}.")
-            object.__setattr__(self, name, tuple(int(v) for v in value))
+        object.__setattr__(self, "ch_mult", fields.int_tuple("model.ch_mult", self.ch_mult, 1))
+        object.__setattr__(
+            self,
+            "attn_resolutions",
+            fields.int_tuple("model.attn_resolutions", self.attn_resolutions, 1, nonempty=False),
+        )
         self.validate()
 
     @classmethod
@@ -85,18 +88,16 @@ class ModelConfig:
         Raises:
           ValueError: naming the offending field, if the architecture is inconsistent.
         """
-        model = _as_dict(config.model)
-        fields = {f.name for f in dataclasses.fields(cls)} - {"image_size", "in_channels"}
-        unknown = sorted(set(model) - fields)
-        if unknown:
-            raise ValueError(
-                f"config.model has unknown field(s) {unknown}; known fields: {sorted(fields)}."
-            )
-        return cls(
-            image_size=config.data.image_size,
-            in_channels=config.data.channels,
-            **{k: v for k, v in model.items() if k in fields},
-        )
+        return cls.from_dict(_as_dict(config.model), config.data.image_size, config.data.channels)
+
+    @classmethod
+    def from_dict(cls, model: Mapping[str, Any], image_size: int, channels: int) -> ModelConfig:
+        """Builds from the fields of `config.model` and the data's image size and channels."""
+        known = [
+            f.name for f in dataclasses.fields(cls) if f.name not in ("image_size", "in_channels")
+        ]
+        fields.unknown_fields("model", list(model), known)
+        return cls(image_size=image_size, in_channels=channels, **model)
 
     @property
     def output_channels(self) -> int:
@@ -144,60 +145,46 @@ class ModelConfig:
         return widths
 
     def validate(self) -> None:
-        """Raises ValueError, naming the field, for any inconsistent setting."""
-        _check_int("image_size", self.image_size, 1)
-        _check_int("in_channels", self.in_channels, 1)
-        _check_int("ch", self.ch, 1)
-        _check_int("num_res_blocks", self.num_res_blocks, 1)
-        _check_int("num_heads", self.num_heads, 1)
-        _check_int("num_classes", self.num_classes, 0)
-        if self.out_channels is not None:
-            _check_int("out_channels", self.out_channels, 1)
-        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
-            raise ValueError(
-                f"model.ch_mult must be a non-empty tuple of ints ≥ 1, got {self.ch_mult}."
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+        """Raises `ConfigError`, naming the field, for any inconsistent setting."""
+        fields.integer("data.image_size", self.image_size, 1)
+        fields.integer("data.channels", self.in_channels, 1)
+        fields.integer("model.ch", self.ch, 1)
+        fields.integer("model.num_res_blocks", self.num_res_blocks, 1)
+        fields.integer("model.num_heads", self.num_heads, 1)
+        fields.integer("model.num_classes", self.num_classes, 0, hint=" 0: unconditional.")
+        fields.integer("model.out_channels", self.out_channels, 1, none_ok=True)
+        fields.number("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        fields.choice("model.dtype", self.dtype, tuple(DTYPES))
+        fields.boolean("model.resblock_updown", self.resblock_updown)
+        fields.boolean("model.conv_resample", self.conv_resample)
+        fields.boolean("model.remat", self.remat)
         factor = 2 ** (len(self.ch_mult) - 1)
         if self.image_size % factor:
-            raise ValueError(
-                f"data.image_size={self.image_size} must be divisible by 2**(len(ch_mult)-1)"
-                f"={factor} for model.ch_mult={self.ch_mult}: change image_size or ch_mult."
+            raise ConfigError(
+                f"config.data.image_size = {self.image_size} must be divisible by "
+                f"2**(len(ch_mult)-1) = {factor} for config.model.ch_mult = {self.ch_mult}: "
+                "change image_size or ch_mult."
             )
         bad = sorted(set(self.attn_resolutions) - set(self.resolutions))
         if bad:
-            raise ValueError(
-                f"model.attn_resolutions contains {bad}, which never occur: the U-Net's "
-                f"resolutions are {self.resolutions}."
+            raise ConfigError(
+                f"config.model.attn_resolutions = {self.attn_resolutions} contains {bad}, which "
+                f"never occur: the U-Net's resolutions are {self.resolutions}."
             )
         for c, where in self.norm_widths():
             if c % num_groups(c):
-                raise ValueError(
-                    f"model.ch={self.ch} with ch_mult={self.ch_mult} gives {c} channels at "
-                    f"{where}, not divisible by its {num_groups(c)} GroupNorm groups "
-                    "(min(32, channels // 2)): use a ch that is a multiple of 32."
+                raise ConfigError(
+                    f"config.model.ch = {self.ch} with ch_mult = {self.ch_mult} gives {c} "
+                    f"channels at {where}, not divisible by its {num_groups(c)} GroupNorm "
+                    "groups (min(32, channels // 2)): use a ch that is a multiple of 32."
                 )
         for level, res in enumerate(self.resolutions):
             c = self.ch * self.ch_mult[level]
             if res in self.attn_resolutions and c % self.num_heads:
-                raise ValueError(
-                    f"model.num_heads={self.num_heads} does not divide the {c} channels of the "
-                    f"attention layers at resolution {res}."
+                raise ConfigError(
+                    f"config.model.num_heads = {self.num_heads} does not divide the {c} "
+                    f"channels of the attention layers at resolution {res}."
                 )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        prefix = "data" if name in ("image_size", "in_channels") else "model"
-        name = "channels" if name == "in_channels" else name
-        raise ValueError(f"{prefix}.{name} must be an int ≥ {minimum}, got {value!r}.")
 
 
 def _as_dict(group: Any) -> dict[str, Any]:
@@ -205,8 +192,4 @@ def _as_dict(group: Any) -> dict[str, Any]:
         return group.to_dict()
     if isinstance(group, Mapping):
         return dict(group)
-    raise ValueError(f"config.model must be a ConfigDict or mapping, got {type(group).__name__}.")
-
-
-def _is_sequence(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, str)
+    raise ConfigError(f"config.model must be a ConfigDict or mapping, got {type(group).__name__}.")

@@ -208,6 +208,23 @@ def global_to_host(tree: PyTree) -> PyTree:
     return jax.tree.map(to_host, tree)
 
 
+def global_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Host values identical on every process -> global arrays replicated over `mesh`."""
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, replicated(mesh), lambda idx: x[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def from_process_0(value: np.ndarray) -> np.ndarray:
+    """Process 0's `value` on every process (a collective in multi-process runs)."""
+    if jax.process_count() == 1:
+        return value
+    return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
 def validate_batch_size(
     global_batch: int,
     mesh_or_num_devices: Mesh | int,

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
+from ddpm_jax.runtime.workdir import METRICS_FILE, atomic_writer
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Images in [-1, 1] (float, [N, H, W, C]) to uint8 [N, H, W, C], rounding to the grid."""
@@ -42,9 +44,32 @@ def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> 
 def save_png(path: str, image: np.ndarray) -> None:
     """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG, atomically (tmp file + rename)."""
     img = image[..., 0] if image.shape[-1] == 1 else image
-    tmp = f"{path}.tmp"
-    Image.fromarray(img).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_writer(path, "wb") as f:
+        Image.fromarray(img).save(f, format="PNG")
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Removes the rows of a metrics.jsonl whose step is past `step`; returns how many.
+
+    A run that stopped after its last checkpoint logged steps it will log again on resume;
+    their rows go, so that every step appears once. Rows that do not parse are kept.
+    """
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _row_step(line) <= step]
+    if len(kept) != len(lines):
+        with atomic_writer(path) as f:
+            f.writelines(kept)
+    return len(lines) - len(kept)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -math.inf
 
 
 class MetricWriter:
@@ -65,7 +90,7 @@ class MetricWriter:
             from tensorboardX import SummaryWriter  # heavy import: only where it writes.
 
             self._tb = SummaryWriter(logdir, flush_secs=30)
-            self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+            self._jsonl = open(os.path.join(logdir, METRICS_FILE), "a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:

@@ -11,9 +11,9 @@ Process p of P reads only rows [p·B/P, (p+1)·B/P) of each global batch. Images
 float32 NHWC in [-1, 1] (uint8 x ↦ x / 127.5 − 1) with int32 labels; turning the per-process
 arrays into global `jax.Array`s is `ddpm_jax.sharding`'s job.
 
-Opening and checking the split (`DataConfig`, `DatasetInfo`, `get_dataset_info`,
-`open_split`) lives in `ddpm_jax.datasets.sources` and is re-exported here: "digits" is the
-embedded offline dataset, built on first use; any other name is a prepared TFDS dataset.
+Opening and checking the split (`get_dataset_info`, `open_split`) lives in
+`ddpm_jax.data.sources` and the typed `config.data` (`DataConfig`, `DatasetInfo`) in
+`ddpm_jax.data.config`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import Any
 
 import grain
 import numpy as np
-from absl import flags
 from PIL import Image
 
-from ddpm_jax.datasets.sources import DataConfig, DatasetInfo, get_dataset_info, open_split
+from ddpm_jax.data.config import DataConfig, DatasetInfo
+from ddpm_jax.data.sources import data_and_classes, get_dataset_info, open_split
 
 __all__ = [
     "BatchIterator",
@@ -189,12 +189,6 @@ class BatchIterator(Iterator[Batch]):
             raise ValueError(f"start_step must be ≥ 0, got {start_step}.")
         if prefetch < 0:
             raise ValueError(f"prefetch must be ≥ 0, got {prefetch}.")
-        if workers > 0 and not flags.FLAGS.is_parsed():
-            raise RuntimeError(
-                "config.data.num_workers > 0 starts Grain worker processes, which read absl "
-                "flags: run under absl.app.run (as ddpm_jax.main does) or call "
-                "absl.flags.FLAGS.mark_as_parsed() first; or set config.data.num_workers=0."
-            )
         options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
         stream = dataset[start_step:].to_iter_dataset(options)
         if workers > 0:
@@ -282,24 +276,30 @@ class EvalData:
 
 
 def make_train_data(
-    config: Any, *, global_batch_size: int, process_index: int, process_count: int, seed: int
+    config: Any,
+    *,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+    num_classes: int | None = None,
 ) -> TrainData:
     """Training batches of `config.data.split` for process `process_index`.
 
     Args:
-      config: the experiment config (uses `config.data`, and `config.model.num_classes`
-        when present).
+      config: a `DataConfig`, or an experiment config (its `data` group).
       global_batch_size: batch size over all processes (config.training.batch_size).
       process_index: this process (jax.process_index()).
       process_count: number of processes (jax.process_count()); must divide the batch.
       seed: data seed (e.g. config.training.seed).
+      num_classes: the model's classes, checked against the labels (see `open_split`).
 
     Raises:
       ValueError, FileNotFoundError: as `get_dataset_info`, or for bad batch arguments.
     """
-    data = DataConfig.from_config(config)
+    data, num_classes = data_and_classes(config, num_classes)
     local = _check_sharding(global_batch_size, process_index, process_count)
-    source, info = open_split(config)
+    source, info = open_split(data, num_classes=num_classes)
     dataset = train_batches(
         source,
         image_size=data.image_size,
@@ -320,20 +320,23 @@ def make_eval_data(
     process_count: int,
     split: str | None = None,
     num_examples: int = 0,
+    num_classes: int | None = None,
 ) -> EvalData:
     """Ordered, padded, masked evaluation batches of a split for process `process_index`.
 
     Args:
-      config: the experiment config.
+      config: a `DataConfig`, or an experiment config (its `data` group).
       global_batch_size: batch size over all processes (config.eval.batch_size).
       process_index: this process.
       process_count: number of processes; must divide the batch.
       split: defaults to `config.data.eval_split`.
       num_examples: evaluate the first this many examples; 0 means the whole split.
+      num_classes: the model's classes, checked against the labels (see `open_split`).
     """
-    data = DataConfig.from_config(config)
+    data, num_classes = data_and_classes(config, num_classes)
     local = _check_sharding(global_batch_size, process_index, process_count)
-    source, info = open_split(config, data.eval_split if split is None else split)
+    split = data.eval_split if split is None else split
+    source, info = open_split(data, split, num_classes=num_classes)
     n = info.num_examples if num_examples <= 0 else min(num_examples, info.num_examples)
     dataset = eval_batches(
         source,

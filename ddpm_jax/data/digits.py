@@ -27,6 +27,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from ddpm_jax.errors import ConfigError
+
 NAME = "digits"
 IMAGE_SIZES = (8, 16)
 DEFAULT_IMAGE_SIZE = 16
@@ -164,7 +166,7 @@ def prepare(
       ValueError: for another image size, naming config.data.image_size.
     """
     if image_size not in IMAGE_SIZES:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.image_size={image_size} is not available for the embedded "
             f"{NAME!r} dataset; set config.data.image_size to one of {IMAGE_SIZES}."
         )

@@ -1,0 +1,144 @@
+"""The likelihood bound of a workdir's model over a split, in bits per dimension.
+
+The full bound of `likelihood.bits_per_dim` (all T steps) for every example of
+`config.eval.split`; example i of the split is evaluated alone with key
+`fold_in(stream_key(seed, EVAL_BPD), i)`, so the result does not depend on the batch size, on
+the padding of the last batch (masked out) or on the number of devices. Each call of the
+network evaluates `eval.batch_size × eval.bpd_timestep_chunk` images: that product bounds the
+memory, and the pass costs T forward passes per example whatever the two are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import likelihood
+from ddpm_jax.data import pipeline
+from ddpm_jax.experiment import Experiment, ExperimentConfig, Stream, stream_key
+from ddpm_jax.inference.sampler import Sampler
+from ddpm_jax.runtime import sharding as shd
+from ddpm_jax.runtime.progress import Progress
+
+
+def bpd_key(config: ExperimentConfig) -> jax.Array:
+    """Base key of the bits/dim evaluation: `stream_key(config.training.seed, EVAL_BPD)`."""
+    return stream_key(ExperimentConfig.from_config(config).training.seed, Stream.EVAL_BPD)
+
+
+@dataclasses.dataclass(frozen=True)
+class BitsPerDimResult:
+    """The bound averaged over a split, in bits per dimension.
+
+    Attributes:
+      num_examples: examples averaged over.
+      total: mean -ELBO = decoder + diffusion + prior.
+      decoder: mean L_0 = -log p(x_0 | x_1).
+      diffusion: mean Σ_{t>=1} L_t.
+      prior: mean L_T = KL(q(x_T | x_0) || N(0, I)).
+      terms: float64 [T], mean L_t for each t (terms[0] = decoder).
+    """
+
+    num_examples: int
+    total: float
+    decoder: float
+    diffusion: float
+    prior: float
+    terms: np.ndarray
+
+    def scalars(self) -> dict[str, float]:
+        return {
+            "bpd": self.total,
+            "bpd_decoder_L0": self.decoder,
+            "bpd_diffusion_sum_Lt": self.diffusion,
+            "bpd_prior_LT": self.prior,
+        }
+
+
+def make_bpd_sums_fn(experiment: Experiment, key: jax.Array) -> Callable:
+    """`(params, images, labels, index, mask) -> sums`, per-example bound summed over a batch.
+
+    Args of the returned function: images float32 [B, H, W, C] in [-1, 1], labels int32 [B]
+    (used by class-conditional models: the bound of p(x | y)), index int32 [B] (the
+    examples' positions in the split, for their keys), mask bool [B] (False on padding).
+    It returns float32 sums over the unmasked rows: `total`, `decoder`, `diffusion`,
+    `prior` (scalars), `terms` [T] and `count`.
+    """
+    chunk = experiment.config.eval.bpd_timestep_chunk
+    num_classes = experiment.num_classes
+
+    def one_example(params, image, label, example_key):
+        result = likelihood.bits_per_dim(
+            experiment.model_fn(params, label[None] if num_classes else None),
+            experiment.schedule,
+            image[None],
+            example_key,
+            timestep_chunk=chunk,
+            **experiment.reverse.kwargs(),
+        )
+        return jax.tree.map(lambda a: a[0], result)
+
+    def sums(params, images, labels, index, mask):
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+        r = jax.vmap(one_example, in_axes=(None, 0, 0, 0))(params, images, labels, keys)
+        w = mask.astype(jnp.float32)
+        out = {k: jnp.sum(w * getattr(r, k)) for k in ("total", "decoder", "diffusion", "prior")}
+        return {**out, "terms": w @ r.terms, "count": jnp.sum(w)}
+
+    return sums
+
+
+def split_bits_per_dim(sampler: Sampler) -> BitsPerDimResult:
+    """The bound over `config.eval.split` (first `config.eval.num_examples`; 0: all).
+
+    Batches of `config.eval.batch_size` (a multiple of the device count) are sharded over
+    the mesh; the last one is padded and its padding masked out.
+    """
+    mesh, cfg = sampler.mesh, sampler.config
+    batch_size = cfg.eval.batch_size
+    cfg.check_devices(mesh.devices.size, jax.process_count(), mode="eval")
+    p, num_p = jax.process_index(), jax.process_count()
+    data = pipeline.make_eval_data(
+        cfg.data,
+        num_classes=sampler.num_classes,
+        global_batch_size=batch_size,
+        process_index=p,
+        process_count=num_p,
+        split=cfg.eval.split,
+        num_examples=cfg.eval.num_examples,
+    )
+    batch_sh, replicated = shd.batch_sharding(mesh), shd.replicated(mesh)
+    sums_fn = jax.jit(
+        make_bpd_sums_fn(sampler.experiment, bpd_key(cfg)),
+        in_shardings=(shd.shardings_of(sampler.params), *[batch_sh] * 4),
+        out_shardings=replicated,
+    )
+    local = data.local_batch_size
+    total = None
+    T = sampler.sched.num_timesteps
+    bar = Progress(data.num_examples * T, desc=f"bits/dim of {data.num_examples} images",
+                   unit="forward passes")  # fmt: skip
+    for k, batch in enumerate(data):
+        index = (k * batch_size + p * local + np.arange(local)).astype(np.int32)
+        host = (batch["image"], batch["label"], index, batch["mask"])
+        sums = jax.device_get(sums_fn(sampler.params, *shd.host_to_global(host, mesh)))
+        sums = {name: np.asarray(v, np.float64) for name, v in sums.items()}
+        total = sums if total is None else {n: total[n] + sums[n] for n in total}
+        bar.update(int(sums["count"]) * T)
+    bar.close()
+    count = total.pop("count")
+    if round(float(count)) != data.num_examples:  # the mask is what makes the mean exact.
+        raise RuntimeError(f"evaluated {count} examples, expected {data.num_examples}.")
+    means = {name: v / count for name, v in total.items()}
+    return BitsPerDimResult(
+        num_examples=data.num_examples,
+        total=float(means["total"]),
+        decoder=float(means["decoder"]),
+        diffusion=float(means["diffusion"]),
+        prior=float(means["prior"]),
+        terms=means["terms"],
+    )

@@ -1,0 +1,176 @@
+"""One chunk of samples from an experiment's network: per-image chains, sharded, run in segments.
+
+    program = ChainProgram(experiment, mesh, padded=64, options=SamplingOptions())
+    images, labels = program(params, raw_key(seed), index=0, labels=np.full(64, -1))
+
+Image j of chunk c of a request with key k uses key `fold_in(fold_in(k, c), j)`, split into
+its chain's key and its class label's key. Each image is a function of its own key alone
+(the chain runs vmapped over images), so the padding of a chunk to a multiple of the device
+count, the number of devices and a shorter request change no image.
+
+The chain runs as segments of `ceil(K / SEGMENTS)` steps, each one jitted call over the same
+compiled program (`sampling.ReverseChain.run`), so that a caller can report progress in
+reverse steps between them; the result equals one `lax.scan` over all K steps. The respaced
+schedule and the timesteps are arguments of the compiled programs, not constants: one
+compilation serves every chain of the same length. Training's sample grids, `load_sampler`
+and FID all draw through this.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import sampling, timesteps
+from ddpm_jax.experiment.build import Experiment
+from ddpm_jax.experiment.config import ReverseProcess, SamplingOptions
+from ddpm_jax.runtime import sharding as shd
+from ddpm_jax.runtime.progress import Progress
+
+PyTree = Any
+
+# A chain is run in about this many segments (one jitted call each), for progress.
+SEGMENTS = 20
+
+
+def raw_key(key: jax.Array | int | None, default_seed: int) -> np.ndarray:
+    """An int seed, a PRNG key (typed or raw uint32 [2]) or None (`default_seed`) -> raw key."""
+    if key is None:
+        key = default_seed
+    if isinstance(key, int | np.integer) and not isinstance(key, bool):
+        return np.asarray(jax.random.key_data(jax.random.key(int(key))))
+    key = jnp.asarray(key)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    if key.shape != (2,) or key.dtype != jnp.uint32:
+        raise ValueError(
+            f"key must be an int seed, a jax.random.key or a raw uint32 [2] PRNGKey; got "
+            f"{key.dtype} {key.shape}."
+        )
+    return np.asarray(key)
+
+
+class ChainProgram:
+    """The compiled reverse chains of `padded` images with `options`, over `mesh`.
+
+    Args:
+      experiment: the model, schedule and reverse process.
+      mesh: the device mesh; images are sharded over its "data" axis (`padded` must be a
+        multiple of its size).
+      padded: images per call.
+      options: the sampler, its number of steps, η, guidance.
+      reverse: the reverse process; default the experiment's.
+    """
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        mesh: jax.sharding.Mesh,
+        padded: int,
+        options: SamplingOptions,
+        reverse: ReverseProcess | None = None,
+    ):
+        if padded % mesh.devices.size:
+            raise ValueError(f"padded={padded} is not a multiple of {mesh.devices.size} devices.")
+        self.experiment, self.mesh, self.padded, self.options = experiment, mesh, padded, options
+        self.reverse = experiment.reverse if reverse is None else reverse
+        sched = experiment.schedule
+        sub, ts = timesteps.resolve_steps(sched, options.num_steps or None, None)
+        self.num_steps = int(ts.size)
+        self.segment = math.ceil(self.num_steps / SEGMENTS)
+        replicated = shd.replicated(mesh)
+        self._sub = jax.device_put(sub, replicated)
+        self._ts = jax.device_put(jnp.asarray(ts, jnp.int32), replicated)
+        batch_sh = shd.batch_sharding(mesh)
+        self._prepare = jax.jit(self._prepare_fn, out_shardings=(batch_sh, batch_sh))
+        self._init = jax.jit(
+            jax.vmap(self._init_one, in_axes=(None, None, 0)), out_shardings=batch_sh
+        )
+        self._run = jax.jit(
+            jax.vmap(self._run_one, in_axes=(None, None, None, 0, 0, 0, None)),
+            out_shardings=batch_sh,
+            donate_argnums=(3,),
+        )
+        self._finish = jax.jit(_images_of, out_shardings=batch_sh)
+
+    # Per image: `key` is its chain's key, `label` its (drawn) class label.
+    def _chain(self, params, sub, ts, key, label) -> sampling.ReverseChain:
+        exp, num_classes = self.experiment, self.experiment.num_classes
+        if num_classes:
+            model_fn = exp.model_fn(params, label[None])
+            if self.options.guidance_scale != 1.0:
+                null = jnp.full((1,), num_classes, jnp.int32)
+                model_fn = sampling.guided_model_fn(
+                    model_fn, exp.model_fn(params, null), self.options.guidance_scale
+                )
+        else:
+            model_fn = exp.model_fn(params)
+        return sampling.ReverseChain(
+            model_fn=model_fn,
+            sub=sub,
+            timesteps=ts,
+            num_timesteps=exp.schedule.num_timesteps,
+            shape=(1, *exp.image_shape),
+            key=key,
+            sampler=self.options.sampler,
+            eta=float(self.options.eta),
+            **self.reverse.kwargs(),
+        )
+
+    def _prepare_fn(self, key, index, labels):
+        """Per-image chain keys [P, 2] and labels [P] (drawn where labels < 0)."""
+        chunk_key = jax.random.fold_in(key, index)
+        keys = jax.vmap(lambda j: jax.random.fold_in(chunk_key, j))(jnp.arange(self.padded))
+        chain_keys, label_keys = jax.vmap(jax.random.split)(keys).swapaxes(0, 1)
+        num_classes = self.experiment.num_classes
+        if num_classes:
+            drawn = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_classes, jnp.int32))(
+                label_keys
+            )
+            labels = jnp.where(labels >= 0, labels, drawn)
+        else:
+            labels = jnp.zeros_like(labels)
+        return chain_keys, labels
+
+    def _init_one(self, sub, ts, key):
+        return self._chain(None, sub, ts, key, jnp.zeros((), jnp.int32)).init()
+
+    def _run_one(self, params, sub, ts, state, key, label, start):
+        return self._chain(params, sub, ts, key, label).run(state, start, self.segment)
+
+    def __call__(
+        self,
+        params: PyTree,
+        key: np.ndarray,
+        index: int,
+        labels: np.ndarray,
+        progress: Progress | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Draws the chunk: (images float32 [P, H, W, C] in [-1, 1], labels int32 [P]).
+
+        Args:
+          params: the network's parameters, on the mesh.
+          key: the request's raw key (uint32 [2], `raw_key`).
+          index: the chunk's index within its request.
+          labels: int32 [P], a class label per image or -1 to draw it.
+          progress: counts reverse steps (K per chunk) if given; each segment then waits for
+            the previous one, so that the count is true.
+        """
+        args = shd.global_replicated((key, np.int32(index), labels), self.mesh)
+        keys, drawn = self._prepare(*args)
+        state = self._init(self._sub, self._ts, keys)
+        for start in range(0, self.num_steps, self.segment):
+            state = self._run(params, self._sub, self._ts, state, keys, drawn, np.int32(start))
+            if progress is not None:
+                jax.block_until_ready(state)
+                progress.update(min(self.segment, self.num_steps - start))
+        return self._finish(state), drawn
+
+
+def _images_of(state: sampling.ChainState) -> jax.Array:
+    """The per-image chains' final states [P, 1, H, W, C] -> images [P, H, W, C] in [-1, 1]."""
+    return jnp.clip(state.x[:, 0], -1.0, 1.0)

@@ -1,0 +1,405 @@
+"""The config of a run, parsed once into frozen, checked, typed views: the ConfigDict stops here.
+
+    cfg = ExperimentConfig.from_config(config)      # every field of every group checked
+    cfg.check_devices(num_devices, process_count)    # what depends on the mesh
+    cfg.diffusion.reverse                            # ReverseProcess(parameterization, ...)
+
+Each group of `configs/default.py` (documented in `ddpm_jax/experiment/defaults.py`) has its
+view here, `data.DataConfig` and `models.ModelConfig` included. A bad value fails here, in
+seconds and before anything compiles, with one message naming the field, the value and what
+is allowed (`ddpm_jax.fields`). The views are hashable, so they can key compiled functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ddpm_jax import diffusion, fields, sampling, schedules
+from ddpm_jax.data.config import DataConfig
+from ddpm_jax.errors import ConfigError
+from ddpm_jax.models.config import ModelConfig
+
+GROUPS = ("data", "model", "diffusion", "training", "optim", "sampling", "eval", "mesh")
+
+
+def _group_dict(config: Any, group: str) -> dict[str, Any]:
+    if not isinstance(config, Mapping) and not hasattr(config, "keys"):
+        raise ConfigError(
+            f"a config must be an ml_collections ConfigDict with groups {list(GROUPS)}, got "
+            f"{type(config).__name__}; start from configs/default.py get_config()."
+        )
+    if group not in config.keys():
+        raise ConfigError(
+            f"config has no group {group!r} (it has {sorted(config.keys())}); every config "
+            "starts from configs/default.py get_config(), which defines all of "
+            f"{list(GROUPS)}."
+        )
+    value = config[group]
+    return dict(value.to_dict() if hasattr(value, "to_dict") else value)
+
+
+def _from_group(cls, group: str, values: Mapping[str, Any]):
+    """Builds a view from its group's fields; unknown and missing fields are errors."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    fields.unknown_fields(group, list(values), known)
+    missing = [k for k in known if k not in values]
+    if missing:
+        raise ConfigError(
+            f"config.{group} is missing field(s) {missing}; start from configs/default.py."
+        )
+    return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseProcess:
+    """How the network's output becomes the reverse step p_θ(x_{t-1}|x_t): one value.
+
+    Attributes:
+      parameterization: what the network predicts: "x0", "eps" or "v".
+      variance: the reverse-step variance: "fixedsmall" or "fixedlarge".
+      clip_denoised: clip x̂_0 to [-1, 1] before forming the mean.
+    """
+
+    parameterization: str = "x0"
+    variance: str = "fixedlarge"
+    clip_denoised: bool = True
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keywords of `diffusion.p_mean_variance`, `sampling.sample`, `bits_per_dim`."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """The `config.diffusion` group: the forward process, the objective, the reverse step."""
+
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    parameterization: str = "x0"
+    weighting: str = "eps_mse"
+    min_snr_gamma: float = 5.0
+    variance: str = "fixedlarge"
+    clip_denoised: bool = True
+
+    def __post_init__(self):
+        fields.choice("diffusion.schedule", self.schedule, schedules.SCHEDULES)
+        fields.integer("diffusion.num_timesteps", self.num_timesteps, 1, 100_000)
+        fields.number(
+            "diffusion.beta_start", self.beta_start, 0.0, 1.0, low_open=True, high_open=True
+        )
+        fields.number("diffusion.beta_end", self.beta_end, 0.0, 1.0, low_open=True, high_open=True)
+        if self.schedule in ("linear", "quad", "sigmoid") and self.beta_start > self.beta_end:
+            raise ConfigError(
+                f"config.diffusion.beta_start = {self.beta_start!r} is larger than "
+                f"config.diffusion.beta_end = {self.beta_end!r}: the {self.schedule!r} schedule "
+                "adds noise at a growing rate, so beta_start must be <= beta_end (Ho et al.: "
+                "1e-4 and 0.02)."
+            )
+        fields.choice(
+            "diffusion.parameterization", self.parameterization, diffusion.PARAMETERIZATIONS
+        )
+        fields.choice("diffusion.weighting", self.weighting, diffusion.WEIGHTINGS)
+        fields.number("diffusion.min_snr_gamma", self.min_snr_gamma, 0.0, low_open=True)
+        fields.choice("diffusion.variance", self.variance, diffusion.VARIANCES)
+        fields.boolean("diffusion.clip_denoised", self.clip_denoised)
+        try:
+            self.betas()
+        except ValueError as e:
+            raise ConfigError(
+                f"config.diffusion (schedule {self.schedule!r}, num_timesteps "
+                f"{self.num_timesteps}, beta_start {self.beta_start}, beta_end "
+                f"{self.beta_end}) gives no valid schedule: {e}"
+            ) from e
+
+    @classmethod
+    def from_config(cls, config: Any) -> DiffusionConfig:
+        """Reads `config.diffusion` of an experiment config."""
+        return _from_group(cls, "diffusion", _group_dict(config, "diffusion"))
+
+    @property
+    def reverse(self) -> ReverseProcess:
+        """The reverse-process triple (parameterization, variance, clip_denoised)."""
+        return ReverseProcess(self.parameterization, self.variance, self.clip_denoised)
+
+    def betas(self) -> np.ndarray:
+        """β_1..β_T, float64 [T]."""
+        return schedules.get_beta_schedule(
+            self.schedule, self.num_timesteps, beta_start=self.beta_start, beta_end=self.beta_end
+        )
+
+    def make_schedule(self) -> schedules.Schedule:
+        """The `Schedule` of this forward process."""
+        return schedules.make_schedule(self.betas())
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """The `config.training` group: batch, run length, cadences, seed, resume controls."""
+
+    batch_size: int = 128
+    num_train_steps: int = 800_000
+    log_every_steps: int = 100
+    checkpoint_every_steps: int = 5_000
+    keep_checkpoints: int = 3
+    keep_period: int | None = 100_000
+    sample_every_steps: int = 20_000
+    num_sample_images: int = 64
+    grad_accum_steps: int = 1
+    seed: int = 0
+    resume_step: int | None = None
+    allow_config_change: bool = False
+
+    def __post_init__(self):
+        fields.integer("training.batch_size", self.batch_size, 1)
+        fields.integer("training.num_train_steps", self.num_train_steps, 1)
+        fields.integer("training.log_every_steps", self.log_every_steps, 1)
+        fields.integer("training.checkpoint_every_steps", self.checkpoint_every_steps, 1)
+        fields.integer("training.keep_checkpoints", self.keep_checkpoints, 1)
+        fields.integer(
+            "training.keep_period", self.keep_period, 0, none_ok=True, hint=" 0 or None: off."
+        )
+        fields.integer("training.sample_every_steps", self.sample_every_steps, 0, hint=" 0: off.")
+        fields.integer("training.num_sample_images", self.num_sample_images, 1)
+        fields.integer("training.grad_accum_steps", self.grad_accum_steps, 1)
+        fields.integer("training.seed", self.seed, 0, 2**31 - 1)
+        fields.integer("training.resume_step", self.resume_step, 0, none_ok=True)
+        fields.boolean("training.allow_config_change", self.allow_config_change)
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"config.training.batch_size = {self.batch_size} is not divisible by "
+                f"config.training.grad_accum_steps = {self.grad_accum_steps}: each update "
+                "averages grad_accum_steps equal micro-batches."
+            )
+        if self.resume_step is not None and self.resume_step > self.num_train_steps:
+            raise ConfigError(
+                f"config.training.resume_step = {self.resume_step} is past "
+                f"config.training.num_train_steps = {self.num_train_steps}."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The `config.optim` group: Adam with warm-up and clipping, and the EMA of the weights."""
+
+    learning_rate: float = 2e-4
+    warmup_steps: int = 5_000
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip_norm: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+
+    def __post_init__(self):
+        fields.number("optim.learning_rate", self.learning_rate, 0.0, low_open=True,
+                      hint=" Ho et al. use 2e-4.")  # fmt: skip
+        fields.integer("optim.warmup_steps", self.warmup_steps, 0, hint=" 0: no warm-up.")
+        fields.number("optim.b1", self.b1, 0.0, 1.0, high_open=True)
+        fields.number("optim.b2", self.b2, 0.0, 1.0, high_open=True)
+        fields.number("optim.eps", self.eps, 0.0, low_open=True)
+        fields.number("optim.grad_clip_norm", self.grad_clip_norm, 0.0, low_open=True)
+        fields.number("optim.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        fields.boolean("optim.ema_warmup", self.ema_warmup)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """How to run the reverse chain (hashable: one compilation per distinct options).
+
+    Attributes:
+      sampler: "ancestral" or "ddim".
+      num_steps: steps of the chain; 0 means all T.
+      eta: DDIM's η (0: deterministic); "ddim" only.
+      guidance_scale: classifier-free guidance w (1: the conditional model alone);
+        class-conditional models only.
+    """
+
+    sampler: str = "ancestral"
+    num_steps: int = 0
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+
+    def __post_init__(self):
+        fields.choice("sampling.sampler", self.sampler, sampling.SAMPLERS)
+        fields.integer("sampling.num_steps", self.num_steps, 0, hint=" 0: all T steps.")
+        fields.number("sampling.eta", self.eta, 0.0, hint=" 0: deterministic DDIM.")
+        if self.eta != 0.0 and self.sampler != "ddim":
+            raise ConfigError(
+                f"config.sampling.eta = {self.eta!r} applies to the DDIM sampler only, but "
+                f"config.sampling.sampler = {self.sampler!r}; set eta to 0 or sampler to 'ddim'."
+            )
+        fields.number("sampling.guidance_scale", self.guidance_scale, hint=" 1: no guidance.")
+
+    def check(self, num_timesteps: int, num_classes: int) -> None:
+        """Raises `ConfigError` for options this model cannot sample with."""
+        if self.num_steps > num_timesteps:
+            raise fields.fail(
+                "sampling.num_steps",
+                self.num_steps,
+                f"must be 0 (all steps) or at most config.diffusion.num_timesteps = "
+                f"{num_timesteps}.",
+            )
+        if self.guidance_scale != 1.0 and num_classes == 0:
+            raise ConfigError(
+                f"config.sampling.guidance_scale = {self.guidance_scale} needs a "
+                "class-conditional model (config.model.num_classes > 0); use 1.0."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """The `config.sampling` group: the chain (`options`) and how many images, in what chunks."""
+
+    sampler: str = "ancestral"
+    num_steps: int = 0
+    eta: float = 0.0
+    num_samples: int = 50_000
+    batch_size: int = 256
+    seed: int = 42
+    guidance_scale: float = 1.0
+
+    def __post_init__(self):
+        SamplingOptions(self.sampler, self.num_steps, self.eta, self.guidance_scale)  # checks.
+        fields.integer("sampling.num_samples", self.num_samples, 1)
+        fields.integer("sampling.batch_size", self.batch_size, 1)
+        fields.integer("sampling.seed", self.seed, 0, 2**31 - 1)
+
+    @property
+    def options(self) -> SamplingOptions:
+        """The chain's options."""
+        return SamplingOptions(self.sampler, self.num_steps, self.eta, self.guidance_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """The `config.eval` group: the bits/dim pass over a split and FID."""
+
+    split: str = "test"
+    batch_size: int = 256
+    bpd_timestep_chunk: int = 4
+    num_examples: int = 0
+    fid_num_samples: int = 50_000
+    inception_weights: str | None = None
+    inception_sha256: str | None = None
+    fid_cache_dir: str | None = None
+    fid_reference_examples: int = 0
+
+    def __post_init__(self):
+        fields.string("eval.split", self.split)
+        fields.integer("eval.batch_size", self.batch_size, 1)
+        fields.integer("eval.bpd_timestep_chunk", self.bpd_timestep_chunk, 1)
+        fields.integer("eval.num_examples", self.num_examples, 0, hint=" 0: the whole split.")
+        fields.integer("eval.fid_num_samples", self.fid_num_samples, 0, hint=" 0: no FID.")
+        if self.fid_num_samples == 1:
+            raise fields.fail("eval.fid_num_samples", 1, "must be 0 (no FID) or >= 2.")
+        fields.string("eval.inception_weights", self.inception_weights, none_ok=True)
+        object.__setattr__(
+            self, "inception_sha256", fields.sha256("eval.inception_sha256", self.inception_sha256)
+        )
+        fields.string("eval.fid_cache_dir", self.fid_cache_dir, none_ok=True)
+        fields.integer("eval.fid_reference_examples", self.fid_reference_examples, 0,
+                       hint=" 0: the whole training split.")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The `config.mesh` group: how parameters are laid out over the devices."""
+
+    fsdp: bool = False
+    fsdp_min_size: int = 2**18
+
+    def __post_init__(self):
+        fields.boolean("mesh.fsdp", self.fsdp)
+        fields.integer("mesh.fsdp_min_size", self.fsdp_min_size, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Every group of a run's config, parsed and checked."""
+
+    data: DataConfig
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    training: TrainingConfig
+    optim: OptimConfig
+    sampling: SamplingConfig
+    eval: EvalConfig
+    mesh: MeshConfig
+
+    @classmethod
+    def from_config(cls, config: Any) -> ExperimentConfig:
+        """Parses and checks a whole config (an ml_collections ConfigDict or nested mapping).
+
+        Raises:
+          ConfigError: for the first bad field, naming it, its value and what is allowed.
+        """
+        if isinstance(config, ExperimentConfig):
+            return config
+        groups = {g: _group_dict(config, g) for g in GROUPS}
+        extra = sorted(set(config.keys()) - set(GROUPS))
+        if extra:
+            raise ConfigError(
+                f"config has unknown group(s) {extra}; the groups are {list(GROUPS)}."
+            )
+        data = DataConfig.from_dict(groups["data"])
+        model = ModelConfig.from_dict(groups["model"], data.image_size, data.channels)
+        view = cls(
+            data=data,
+            model=model,
+            diffusion=_from_group(DiffusionConfig, "diffusion", groups["diffusion"]),
+            training=_from_group(TrainingConfig, "training", groups["training"]),
+            optim=_from_group(OptimConfig, "optim", groups["optim"]),
+            sampling=_from_group(SamplingConfig, "sampling", groups["sampling"]),
+            eval=_from_group(EvalConfig, "eval", groups["eval"]),
+            mesh=_from_group(MeshConfig, "mesh", groups["mesh"]),
+        )
+        view.sampling.options.check(view.diffusion.num_timesteps, model.num_classes)
+        if model.output_channels != data.channels:
+            raise ConfigError(
+                f"config.model.out_channels = {model.out_channels!r} must be None or "
+                f"config.data.channels = {data.channels}: the network predicts "
+                f"{view.diffusion.parameterization} for every channel of the image."
+            )
+        return view
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of one image."""
+        return self.data.image_size, self.data.image_size, self.data.channels
+
+    def check_devices(self, num_devices: int, process_count: int, *, mode: str = "train") -> None:
+        """Checks what depends on the mesh: batches that split over devices and processes.
+
+        Args:
+          num_devices: devices of the mesh (all processes).
+          process_count: processes of the run.
+          mode: "train" checks the training batch; "eval" the evaluation batch.
+        """
+        if mode == "train":
+            batch, accum = self.training.batch_size, self.training.grad_accum_steps
+            if batch % process_count:
+                raise ConfigError(
+                    f"config.training.batch_size = {batch} is not divisible by the "
+                    f"{process_count} processes; use a multiple of {process_count}."
+                )
+            per_step = accum * num_devices
+            if batch % per_step:
+                raise ConfigError(
+                    f"config.training.batch_size = {batch} must be divisible by "
+                    f"grad_accum_steps × devices = {accum} × {num_devices} = {per_step}; use "
+                    f"e.g. {max(per_step, batch // per_step * per_step)}."
+                )
+        elif mode == "eval":
+            multiple, batch = int(np.lcm(num_devices, process_count)), self.eval.batch_size
+            if batch % multiple:
+                raise ConfigError(
+                    f"config.eval.batch_size = {batch} must be a multiple of {multiple} to "
+                    f"split over {num_devices} devices in {process_count} process(es); use "
+                    f"e.g. {max(multiple, batch // multiple * multiple)}."
+                )

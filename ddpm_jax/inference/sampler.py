@@ -1,0 +1,369 @@
+"""`Sampler` and `load_sampler`: sharded, chunked, jitted sampling from a workdir's EMA weights.
+
+    import ddpm_jax
+
+    sampler = ddpm_jax.load_sampler("workdirs/digits")        # EMA params, latest step
+    images = sampler.sample(64, seed=0)                        # uint8 [64, H, W, C]
+    fast = sampler.sample(64, seed=0, sampler="ddim", num_steps=50)
+    x0_hat = sampler.model_fn(x_t, t)                          # the network, jitted
+
+Randomness: chunk c of a request with key k uses `fold_in(k, c)`, and image j of that chunk
+`fold_in(fold_in(k, c), j)` (split into its chain's key and its class label's key). Each image
+is a function of its own key alone (the chain runs vmapped over images), so the padding of a
+chunk to a multiple of the device count, the number of devices and a shorter request change
+no image: `sample(5, seed=s)` equals the first 5 images of `sample(8, seed=s)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from ddpm_jax import fields
+from ddpm_jax.errors import ConfigError
+from ddpm_jax.experiment import Experiment, ExperimentConfig, ReverseProcess, SamplingOptions
+from ddpm_jax.experiment.chain_program import ChainProgram, raw_key
+from ddpm_jax.runtime import checkpointing, compilation_cache, metrics
+from ddpm_jax.runtime import sharding as shd
+from ddpm_jax.runtime import workdir as wd
+from ddpm_jax.runtime.progress import Progress
+
+__all__ = ["Chunk", "Sampler", "SamplingOptions", "chunk_sizes", "load_sampler", "raw_key"]
+
+PyTree = Any
+
+
+class Chunk(NamedTuple):
+    """One chunk of samples, still on the devices.
+
+    Attributes:
+      images: float32 [P, H, W, C] in [-1, 1], sharded over "data"; P is the chunk size
+        padded up to a multiple of the device count.
+      labels: int32 [P] class labels the images were drawn with (0 if unconditional).
+      num_valid: the first `num_valid` rows are the requested images; the rest is padding.
+    """
+
+    images: jax.Array
+    labels: jax.Array
+    num_valid: int
+
+
+def chunk_sizes(num_images: int, batch_size: int) -> list[int]:
+    """Sizes of the chunks of `num_images` images in chunks of at most `batch_size`."""
+    full, rest = divmod(num_images, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sampler:
+    """Draws samples from a trained model's EMA parameters, sharded over every device.
+
+    Build it with `load_sampler(workdir)`. Calls are chunked by `config.sampling.batch_size`;
+    each chunk is a jitted program whose batch is sharded over the mesh's "data" axis, padded
+    to a multiple of the device count (the padding is dropped). In a multi-process run every
+    process must make the same calls (they are collective); each gets the full result.
+
+    Attributes:
+      config: the parsed config of the run (model, data, diffusion of the checkpoint; sampling
+        and mesh of the caller).
+      params: the EMA parameters, on `mesh`.
+      step: the training step of the checkpoint.
+      mesh: the device mesh.
+      experiment: the network, schedule and reverse process.
+    """
+
+    config: ExperimentConfig
+    params: PyTree
+    step: int
+    mesh: jax.sharding.Mesh
+    experiment: Experiment
+    _compiled: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def from_config(cls, config: Any, workdir: str, *, step: int | None = None) -> Sampler:
+        """Restores only the EMA parameters of `workdir`'s checkpoint `step` (default latest).
+
+        No optimizer or train state is built: the parameters' shapes come from the network.
+
+        Args:
+          config: a resolved config (`workdir.resolve_config`), ConfigDict or parsed: its
+            model/data/diffusion must be those the checkpoint was trained with.
+          workdir: the training run's workdir.
+          step: checkpoint step; None for the newest that restores.
+
+        Raises:
+          WorkdirNotFoundError: no checkpoint (at `step`) in `workdir`.
+          ConfigError: a bad sampling field, naming it.
+        """
+        experiment = Experiment.from_config(config)
+        mesh = shd.make_mesh()
+        params, step = checkpointing.restore_subtree(
+            workdir, "ema_params", experiment.abstract_params(mesh), step=step
+        )
+        return cls(experiment.config, params, int(step), mesh, experiment)
+
+    @property
+    def model(self):
+        """The U-Net."""
+        return self.experiment.model
+
+    @property
+    def sched(self):
+        """The diffusion schedule."""
+        return self.experiment.schedule
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of one image."""
+        return self.experiment.image_shape
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional model; 0 if unconditional."""
+        return self.experiment.num_classes
+
+    @property
+    def reverse(self) -> ReverseProcess:
+        """The reverse process the chains use (parameterization, variance, clipping)."""
+        return self.experiment.reverse
+
+    @property
+    def model_fn(self) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        """The workdir's network, jitted: `(x_t, t) -> prediction` in its parameterization.
+
+        x_t: float32 [B, H, W, C] in model scale; t: int32 [B] in [0, T); the prediction is
+        float32 [B, H, W, C] (`reverse.parameterization`: x̂_0, ε̂ or v̂). Unconditional, or
+        the null class of a class-conditional model. Compiled once per batch size.
+        """
+        fn = self._compiled.get("model_fn")
+        if fn is None:
+            apply = jax.jit(lambda params, x, t: self.experiment.model_fn(params)(x, t))
+            fn = self._compiled["model_fn"] = lambda x_t, t: apply(self.params, x_t, t)
+        return fn
+
+    def options(self, **changes) -> SamplingOptions:
+        """`config.sampling`'s chain options with the non-None `changes` applied, checked."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        options = dataclasses.replace(self.config.sampling.options, **given)
+        options.check(self.sched.num_timesteps, self.num_classes)
+        return options
+
+    def sample_chunk(
+        self,
+        index: int,
+        size: int,
+        key: jax.Array | int | None = None,
+        *,
+        options: SamplingOptions | None = None,
+        labels: np.ndarray | None = None,
+        progress: Progress | None = None,
+    ) -> Chunk:
+        """Draws chunk `index` (`size` images) of a request with `key`; stays on device.
+
+        Image j of the chunk uses key `fold_in(fold_in(key, index), j)`.
+
+        Args:
+          index: the chunk's index within its request.
+          size: images in the chunk, >= 1.
+          key: the request's key, or an int seed; None: `config.sampling.seed`.
+          options: how to sample; default `config.sampling`'s.
+          labels: optional int [size] class labels in [0, num_classes] (num_classes is the
+            null class); default drawn uniformly from the images' keys.
+          progress: counts the chunk's reverse steps, if given.
+        """
+        options = self.options() if options is None else options
+        for name, value, low in (("index", index, 0), ("size", size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+        n_dev = self.mesh.devices.size
+        padded = math.ceil(size / n_dev) * n_dev
+        labels_in = np.full((padded,), -1, np.int32)  # -1: draw the label.
+        if labels is not None:
+            labels_in[:size] = self._check_labels(labels, size)
+        program = self._compiled.get((padded, options))
+        if program is None:
+            program = ChainProgram(self.experiment, self.mesh, padded, options)
+            self._compiled[(padded, options)] = program
+        raw = raw_key(key, self.config.sampling.seed)
+        images, out_labels = program(self.params, raw, int(index), labels_in, progress)
+        return Chunk(images, out_labels, int(size))
+
+    def steps_per_chunk(self, options: SamplingOptions | None = None) -> int:
+        """Reverse steps of one chain with `options` (for progress counts)."""
+        options = self.options() if options is None else options
+        return options.num_steps or self.sched.num_timesteps
+
+    def iter_chunks(
+        self,
+        num_images: int,
+        key: jax.Array | int | None = None,
+        *,
+        options: SamplingOptions | None = None,
+        labels: np.ndarray | None = None,
+        batch_size: int | None = None,
+        progress: bool | Progress = False,
+    ) -> Iterator[Chunk]:
+        """The chunks of a request for `num_images` images, in order (see `sample_chunk`).
+
+        `progress`: True shows one counting reverse steps (process 0); a `Progress` is
+        updated instead.
+        """
+        if isinstance(num_images, bool) or not isinstance(num_images, int | np.integer):
+            raise ValueError(f"num_images must be an int, got {num_images!r}.")
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}.")
+        batch = self.config.sampling.batch_size if batch_size is None else batch_size
+        fields.integer("sampling.batch_size", batch, 1)
+        options = self.options() if options is None else options
+        if labels is not None:
+            labels = self._check_labels(labels, num_images)
+        sizes = chunk_sizes(int(num_images), batch)
+        bar = progress if isinstance(progress, Progress) else None
+        if progress is True:
+            total = len(sizes) * self.steps_per_chunk(options)
+            bar = Progress(total, desc=f"sampling {num_images} images", unit="reverse steps")
+        try:
+            for i, size in enumerate(sizes):
+                chunk_labels = None if labels is None else labels[i * batch : i * batch + size]
+                yield self.sample_chunk(
+                    i, size, key, options=options, labels=chunk_labels, progress=bar
+                )
+        finally:
+            if progress is True:
+                bar.close()
+
+    def sample(
+        self,
+        num_images: int,
+        key: jax.Array | int | None = None,
+        *,
+        seed: int | None = None,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        eta: float | None = None,
+        guidance_scale: float | None = None,
+        labels: np.ndarray | None = None,
+        batch_size: int | None = None,
+        return_labels: bool = False,
+        progress: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Draws `num_images` samples as uint8 [N, H, W, C].
+
+        Args:
+          num_images: N >= 1.
+          key: a `jax.random` key (typed or raw) or an int seed; None: `seed`, else
+            `config.sampling.seed`.
+          seed: int seed, instead of `key`.
+          sampler: one of `sampling.SAMPLERS`; None: `config.sampling.sampler`.
+          num_steps: steps of the chain, 0 for all T; None: `config.sampling.num_steps`.
+          eta: DDIM's η; None: `config.sampling.eta`.
+          guidance_scale: classifier-free guidance w (class-conditional models); None:
+            `config.sampling.guidance_scale`.
+          labels: int [N] class labels in [0, num_classes]; None: drawn uniformly.
+          batch_size: images per chunk; None: `config.sampling.batch_size`.
+          return_labels: also return the int32 [N] labels the images were drawn with.
+          progress: show progress in reverse steps (process 0).
+
+        Returns:
+          uint8 [N, H, W, C] (and int32 [N] labels if `return_labels`).
+        """
+        out = self.sample_float(
+            num_images, key, seed=seed, sampler=sampler, num_steps=num_steps, eta=eta,
+            guidance_scale=guidance_scale, labels=labels, batch_size=batch_size,
+            return_labels=return_labels, progress=progress,
+        )  # fmt: skip
+        if return_labels:
+            return metrics.to_uint8(out[0]), out[1]
+        return metrics.to_uint8(out)
+
+    def sample_float(
+        self,
+        num_images: int,
+        key: jax.Array | int | None = None,
+        *,
+        seed: int | None = None,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        eta: float | None = None,
+        guidance_scale: float | None = None,
+        labels: np.ndarray | None = None,
+        batch_size: int | None = None,
+        return_labels: bool = False,
+        progress: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """As `sample`, but float32 [N, H, W, C] in [-1, 1], before quantisation to uint8."""
+        if seed is not None:
+            if key is not None:
+                raise ValueError("pass key or seed, not both.")
+            key = seed
+        options = self.options(
+            sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale
+        )
+        images, all_labels = [], []
+        chunks = self.iter_chunks(
+            num_images, key, options=options, labels=labels, batch_size=batch_size,
+            progress=progress,
+        )  # fmt: skip
+        for chunk in chunks:
+            host_images, host_labels = shd.global_to_host((chunk.images, chunk.labels))
+            images.append(host_images[: chunk.num_valid])
+            all_labels.append(host_labels[: chunk.num_valid])
+        images = np.concatenate(images)
+        return (images, np.concatenate(all_labels)) if return_labels else images
+
+    def _check_labels(self, labels: Any, size: int) -> np.ndarray:
+        labels = np.asarray(labels)
+        if self.num_classes == 0:
+            raise ValueError("labels were given but the model is unconditional (num_classes=0).")
+        if labels.shape != (size,) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be int [{size}], got {labels.dtype} {labels.shape}.")
+        if labels.min() < 0 or labels.max() > self.num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}] ({self.num_classes}: the null "
+                f"class), got values in [{labels.min()}, {labels.max()}]."
+            )
+        return labels.astype(np.int32)
+
+
+def load_sampler(
+    workdir: str,
+    *,
+    step: int | None = None,
+    config_overrides: Mapping[str, Any] | None = None,
+    compilation_cache_dir: str | None = compilation_cache.DEFAULT,
+) -> Sampler:
+    """A `Sampler` for the EMA parameters of a training (or imported) workdir.
+
+    Reads `<workdir>/config.json` and restores only `ema_params` (no optimizer state) onto
+    every device; compiles lazily, once per chunk shape and sampling options.
+
+    Args:
+      workdir: the workdir (`~` and relative paths are resolved here).
+      step: checkpoint step; None for the newest that restores.
+      config_overrides: dotted-path changes, e.g. `{"sampling.batch_size": 64,
+        "sampling.num_steps": 100}` (see `workdir.apply_overrides` for what may change).
+      compilation_cache_dir: turns on JAX's persistent compilation cache there, unless the
+        process already has one (so a second `load_sampler` of the same model starts in
+        seconds); the default is `compilation_cache.default_dir()`, None leaves JAX's
+        setting alone.
+
+    Returns:
+      The `Sampler`; `sampler.sample(n, seed=s)` gives uint8 [n, H, W, C].
+
+    Raises:
+      WorkdirNotFoundError: no config.json or no checkpoint in `workdir`.
+      ConfigError, WorkdirError: a bad override, or a config.json that does not parse.
+    """
+    workdir = wd.resolve_path(workdir)
+    if compilation_cache_dir is not None:
+        compilation_cache.enable(compilation_cache_dir, only_if_unset=True)
+    config = wd.apply_overrides(wd.read_config(workdir), config_overrides)
+    try:
+        return Sampler.from_config(config, workdir, step=step)
+    except ConfigError as e:
+        raise ConfigError(f"{workdir}/config.json: {e}") from e

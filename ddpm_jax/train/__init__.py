@@ -1,0 +1,27 @@
+"""Training: the train state, a pure jit-compiled sharded train step, and the training loop.
+
+- `state`: `TrainState`, the optimizer (Adam, warm-up, clipping), the EMA, `build`.
+- `step`: the train step `(state, batch) -> (state, metrics)` and the logged bound estimate.
+- `loop`: `train_and_evaluate(config, workdir)` with its periodic actions.
+
+    state, metrics = train_step(state, batch)     # jax.jit over a Mesh, state donated
+
+Sampling and evaluation never import this package: they build the network from
+`ddpm_jax.experiment` and restore only its EMA parameters.
+"""
+
+from ddpm_jax.train.loop import train_and_evaluate
+from ddpm_jax.train.state import TrainSetup, TrainState, build, make_ema_decay_fn, make_optimizer
+from ddpm_jax.train.step import NonFiniteLossError, make_bpd_estimate_fn, make_train_step
+
+__all__ = [
+    "NonFiniteLossError",
+    "TrainSetup",
+    "TrainState",
+    "build",
+    "make_bpd_estimate_fn",
+    "make_ema_decay_fn",
+    "make_optimizer",
+    "make_train_step",
+    "train_and_evaluate",
+]

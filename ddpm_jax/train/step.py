@@ -1,0 +1,165 @@
+"""The pure train step `(state, batch) -> (state, metrics)` and the bound estimate it logs.
+
+The loss is the weighted ELBO of `ddpm_jax.diffusion.training_losses`. Randomness is
+`fold_in(stream_key(seed, TRAIN_STEP), step)`: the step is a pure function of (state, batch),
+and batch s is a pure function of (seed, s), so a resumed run continues bit-identically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ddpm_jax import diffusion, likelihood
+from ddpm_jax.errors import NonFiniteError
+from ddpm_jax.experiment import Experiment, Stream, stream_key
+from ddpm_jax.train.state import TrainState, learning_rate_fn, make_ema_decay_fn
+
+# Strata of the timesteps 1..T-1 in the logged bound estimate (see `make_bpd_estimate_fn`).
+BPD_ESTIMATE_STRATA = 4
+
+
+def make_train_step(
+    experiment: Experiment, optimizer: optax.GradientTransformation
+) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure train step `(state, batch) -> (state, metrics)`, not yet compiled.
+
+    With `training.grad_accum_steps = k > 1` the batch is split into k micro-batches whose
+    gradients are averaged under `lax.scan` before one update: the same update as one batch
+    of the full size, in 1/k of the activation memory.
+    """
+    cfg = experiment.config
+    d = cfg.diffusion
+    accum = cfg.training.grad_accum_steps
+    ema_decay_fn = make_ema_decay_fn(cfg.optim)
+    lr_fn = learning_rate_fn(cfg.optim)
+    num_classes = experiment.num_classes
+    base_key = stream_key(cfg.training.seed, Stream.TRAIN_STEP)
+    sched = experiment.schedule
+
+    def loss_fn(params, images, labels, key):
+        dropout_key, loss_key, label_key = jax.random.split(key, 3)
+        y = None
+        if num_classes > 0:  # drop 10% of labels to the null class for guidance.
+            drop = jax.random.bernoulli(label_key, 0.1, labels.shape)
+            y = jnp.where(drop, num_classes, labels)
+        model_fn = experiment.model_fn(params, y, train=True, rngs={"dropout": dropout_key})
+        losses = diffusion.training_losses(
+            model_fn,
+            sched,
+            images,
+            loss_key,
+            parameterization=d.parameterization,
+            weighting=d.weighting,
+            min_snr_gamma=d.min_snr_gamma,
+        )
+        return jnp.mean(losses.loss)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        key = jax.random.fold_in(base_key, state.step)
+        images, labels = batch["image"], batch["label"]
+        if accum == 1:
+            loss, grads = grad_fn(state.params, images, labels, key)
+        else:
+            # Micro-batch j takes rows j, j+k, j+2k, …: a reshape that keeps each device's
+            # rows on that device under batch sharding.
+            def split(x):
+                return jnp.swapaxes(x.reshape((x.shape[0] // accum, accum, *x.shape[1:])), 0, 1)
+
+            def accumulate(carry, xs):
+                j, imgs, labs = xs
+                loss_j, grads_j = grad_fn(state.params, imgs, labs, jax.random.fold_in(key, j))
+                return jax.tree.map(jnp.add, carry, (loss_j, grads_j)), None
+
+            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(
+                accumulate, zeros, (jnp.arange(accum), split(images), split(labels))
+            )
+            loss, grads = jax.tree.map(lambda g: g / accum, (loss, grads))
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = ema_decay_fn(state.step)
+        ema_params = jax.tree.map(
+            lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
+        )
+        new_state = TrainState(
+            step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+        )
+        step_metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": lr_fn(state.step),
+            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        }
+        return new_state, step_metrics
+
+    return train_step
+
+
+def make_bpd_estimate_fn(experiment: Experiment) -> Callable:
+    """`(params, images, labels, key) -> mean bits/dim`: the bound estimate logged in training.
+
+    `likelihood.bits_per_dim_stratified` with `BPD_ESTIMATE_STRATA` strata: the prior and the
+    decoder term exactly, the sum of the KL terms from one timestep per stratum, so one call
+    costs 1 + strata forward passes per image and its spread is a fraction of a one-timestep
+    estimate's (whose rare draws of the decoder term swing it by two orders of magnitude).
+    Class-conditional models are evaluated on their labels: the bound of p(x | y).
+    """
+    reverse, sched = experiment.reverse, experiment.schedule
+    num_classes = experiment.num_classes
+
+    def bpd_estimate(params, images, labels, key):
+        est = likelihood.bits_per_dim_stratified(
+            experiment.model_fn(params, labels if num_classes else None),
+            sched,
+            images,
+            key,
+            num_strata=BPD_ESTIMATE_STRATA,
+            **reverse.kwargs(),
+        )
+        return jnp.mean(est)
+
+    return bpd_estimate
+
+
+class NonFiniteLossError(NonFiniteError):
+    """The loss, the gradient norm or a logged metric became NaN/Inf; the run stopped without
+    saving that state."""
+
+
+def check_finite(step_metrics: Mapping[str, Any], step: int, kept_steps: list[int]) -> None:
+    """Raises `NonFiniteLossError` if the step's `finite` flag (or any metric) is not finite.
+
+    Args:
+      step_metrics: host values of the step's metrics (`finite` and the logged scalars).
+      step: the step they belong to.
+      kept_steps: the complete checkpoints, for the advice the message gives.
+    """
+    bad = [
+        k
+        for k, v in step_metrics.items()
+        if k != "finite" and not bool(jnp.isfinite(jnp.asarray(v, jnp.float32)))
+    ]
+    finite = bool(step_metrics.get("finite", True))
+    if finite and not bad:
+        return
+    what = ", ".join(bad) if finite else "loss or gradient"
+    values = ", ".join(f"{k}={float(step_metrics[k])}" for k in step_metrics if k != "finite")
+    earlier = (
+        f"; if the newest checkpoint has itself diverged, resume from an earlier one with "
+        f"--config.training.resume_step=N (kept: {kept_steps})"
+        if kept_steps
+        else ""
+    )
+    raise NonFiniteLossError(
+        f"Non-finite {what} at step {step} ({values}); stopping "
+        "without saving this state. The last checkpoint is intact: lower "
+        f"config.optim.learning_rate or check the data, then run again to resume{earlier}."
+    )
