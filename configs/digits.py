@@ -1,6 +1,6 @@
 """Embedded offline digits: a small U-Net on 16×16 handwritten digits, ~10 min on 2 CPU cores.
 
-The data (scikit-learn's 8×8 digits, upsampled; `ddpm_jax.datasets.digits`) ships with the
+The data (scikit-learn's 8×8 digits, upsampled; `ddpm_jax.data.digits`) ships with the
 package's dependencies and is built into the TFDS data_dir on first use, so this runs with no
 network. Run it from the repository root::
 

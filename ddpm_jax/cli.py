@@ -16,6 +16,8 @@ The only module besides the entry points that imports absl.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import logging
 import os
 import re
@@ -48,9 +50,12 @@ def fail(message: str) -> None:
 
 def _flag_error_line(argv: Sequence[str], error: BaseException) -> str:
     """One line for a command line that does not parse, naming the argument at fault."""
-    text = errors.one_line(error)
     if isinstance(error, flags.Error):
-        return text  # absl names the flag itself.
+        return errors.one_line(error)  # absl names the flag itself.
+    text = str(error)
+    with contextlib.suppress(ValueError, SyntaxError):  # KeyError and kin quote their text.
+        text = str(ast.literal_eval(text)) if text[:1] in "'\"" else text
+    text = errors.one_line(ValueError(text))
     # ml_collections reports a misspelt field of an override as "'batch_sz'; Did you mean
     # "batch_size" instead of "batch_sz"?", without the override it came from.
     match = re.match(r"""['"]?([A-Za-z0-9_]+)['"]?(.*)""", text)
@@ -75,6 +80,10 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     return []
 
 
+# Library warnings that say nothing a user of this package can act on.
+_HARMLESS = ("OpenCV is not installed",)
+
+
 class _QuietLibraries(logging.Filter):
     """Keeps this package's records and other libraries' warnings (orbax's: none)."""
 
@@ -82,6 +91,8 @@ class _QuietLibraries(logging.Filter):
         ours = record.pathname.startswith(_PACKAGE_DIR)
         if ours:
             return True
+        if record.getMessage().startswith(_HARMLESS):
+            return False
         if "orbax" in record.pathname:  # its failures reach the user as our one-line errors.
             return record.levelno >= logging.CRITICAL
         return record.levelno >= logging.WARNING

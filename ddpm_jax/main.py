@@ -41,7 +41,9 @@ def load_config():
     if FLAGS["config"].value is None and not FLAGS["config"].present:
         return None
     try:
-        return FLAGS.config
+        config = FLAGS.config
+        config.keys()  # a config that failed to load raises on first use.
+        return config
     except Exception as e:  # a missing file, or an exception inside the config file itself.
         name = config_flags.get_config_filename(FLAGS["config"])
         cli.fail(f"--config={name}: {errors.one_line(e)}")
@@ -53,14 +55,18 @@ def main(argv: list[str]) -> None:
     config = load_config()
     if config is None and FLAGS.mode == "train":
         cli.fail("--config is required to train, e.g. --config=configs/digits.py.")
-    cli.prepare_jax()
-    import jax
-
+    from ddpm_jax.experiment import ExperimentConfig
     from ddpm_jax.runtime import workdir as wd
 
     workdir = wd.resolve_path(FLAGS.workdir)
     if config is not None:
         config = wd.resolve_config_paths(config)
+    if FLAGS.mode != "train":  # the model and data of the workdir, how to run from the flags.
+        config = wd.resolve_config(config, workdir)
+    ExperimentConfig.from_config(config)  # every field checked, before JAX even starts.
+    cli.prepare_jax()
+    import jax
+
     logging.info(
         "JAX %s: process %d of %d, %d local / %d global devices (%s); workdir %s.",
         jax.__version__, jax.process_index(), jax.process_count(), jax.local_device_count(),

@@ -18,3 +18,23 @@ shjoin() {
   for word in "$@"; do out+="${out:+ }$(shq "$word")"; done
   printf '%s' "$out"
 }
+# Sets ARGS to the given arguments with a relative --workdir=DIR made absolute under BASE (the
+# first argument), so that every process, whatever its current directory, writes to the same
+# place; gs:// and other URLs and absolute paths stay as they are, ~ is the home directory.
+absolute_workdir_args() {
+  local base=$1 arg value
+  shift
+  ARGS=()
+  for arg in "$@"; do
+    if [[ $arg == --workdir=* ]]; then
+      value=${arg#--workdir=}
+      case $value in
+        *://* | /*) ;;
+        "~" | "~/"*) value=$HOME${value#\~} ;;
+        *) value=${base%/}/${value#./} ;;
+      esac
+      arg=--workdir=$value
+    fi
+    ARGS+=("$arg")
+  done
+}

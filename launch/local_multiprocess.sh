@@ -20,7 +20,7 @@
 # Needs: bash, the package importable by $PYTHON (default: python, else python3), coreutils
 # `timeout` when --timeout is used. Process i runs with JAX_PLATFORMS=cpu,
 # XLA_FLAGS=--xla_force_host_platform_device_count=M, JAX_COORDINATOR_ADDRESS=127.0.0.1:P,
-# JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i, which ddpm_jax.distributed.initialize_if_needed
+# JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i, which ddpm_jax.runtime.distributed.initialize_if_needed
 # reads (ddpm_jax.main calls it first).
 #
 # Exit status: 0 when every process exits 0. When one fails the others are stopped (a
@@ -30,7 +30,7 @@
 # last checkpoint there.
 set -euo pipefail
 
-# shq, shjoin.
+# shq, shjoin, absolute_workdir_args.
 # shellcheck source=launch/lib.bash
 source "$(dirname "${BASH_SOURCE[0]}")/lib.bash"
 die() { echo "local_multiprocess.sh: $*" >&2; exit 2; }
@@ -63,6 +63,8 @@ done
 [[ $DEVICES_PER_PROCESS =~ ^[1-9][0-9]*$ ]] || die "--devices-per-process must be a positive integer, got '$DEVICES_PER_PROCESS'"
 [[ $TIMEOUT =~ ^[0-9]+$ ]] || die "--timeout must be a whole number of seconds, got '$TIMEOUT'"
 
+absolute_workdir_args "$PWD" "$@"
+set -- "${ARGS[@]}"
 if [[ $1 == -* ]]; then
   command=("$PYTHON" -m ddpm_jax.main "$@")
 else

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Multi-node GPU run without a scheduler: one process per node, each owning all of its GPUs,
 # joined through the explicit contract JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-# JAX_PROCESS_ID that ddpm_jax.distributed reads.
+# JAX_PROCESS_ID that ddpm_jax.runtime.distributed reads.
 #
 # Usage, mode 1: on every node, the same command with that node's rank (0 on the coordinator):
 #   JAX_COORDINATOR_ADDRESS=node0:12345 JAX_NUM_PROCESSES=4 JAX_PROCESS_ID=<rank> \
@@ -21,7 +21,7 @@
 # Resume: run the same command again with the same --workdir.
 set -euo pipefail
 
-# shq, shjoin.
+# shq, shjoin, absolute_workdir_args.
 # shellcheck source=launch/lib.bash
 source "$(dirname "${BASH_SOURCE[0]}")/lib.bash"
 die() { echo "multinode_gpu.sh: $*" >&2; exit 2; }
@@ -47,6 +47,9 @@ while (($#)); do
   esac
 done
 (($#)) || die "no command: give one after '--', e.g. -- --config=configs/X.py --workdir=DIR"
+# Every node runs in REMOTE_DIR (this directory unless --remote-dir says otherwise).
+absolute_workdir_args "$REMOTE_DIR" "$@"
+set -- "${ARGS[@]}"
 if [[ $1 == -* ]]; then
   command=("$PYTHON" -m ddpm_jax.main "$@")
 else

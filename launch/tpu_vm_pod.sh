@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cloud TPU VM pod slice: create it (or reuse it), install this repository on every worker,
 # and run the same `python -m ddpm_jax.main` on all workers at once (one process per host).
-# The run sets DDPM_JAX_DISTRIBUTED=auto, so ddpm_jax.distributed calls
+# The run sets DDPM_JAX_DISTRIBUTED=auto, so ddpm_jax.runtime.distributed calls
 # jax.distributed.initialize() and JAX finds the other hosts through the TPU metadata server.
 #
 # Usage (from the repository root, with gcloud authenticated and a project set):

@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax.checkpointing: round trips, shardings, retention, atomicity, preemption."""
+"""Tests for ddpm_jax.runtime.checkpointing: round trips, shardings, retention, atomicity."""
 
 import os
 import shutil

@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax.distributed (cluster detection) and the launch/ scripts.
+"""Tests for ddpm_jax.runtime.distributed (cluster detection) and the launch/ scripts.
 
 Detection runs on synthetic environments, with JAX's own SLURM/Open MPI detection as the
 oracle for coordinator addresses. Every script's dry run must print the expected commands
@@ -436,6 +436,25 @@ def test_local_multiprocess_dry_run(fake_bin, tmp_path):
     # A command that is not main's arguments runs as given.
     other = run_script("local_multiprocess.sh", ["--dry-run", "--", "echo", "hi"], env)
     assert other.stdout.count("JAX_PROCESS_ID=") == 2 and " echo hi > " in other.stdout
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("local_multiprocess.sh", ["--dry-run", "--"]),
+        ("multinode_gpu.sh", ["--dry-run", "--hosts", "a,b", "--"]),
+        ("slurm_gpu.sbatch", ["--dry-run"]),
+    ],
+)
+def test_a_relative_workdir_reaches_every_process_absolute(fake_bin, tmp_path, script, args):
+    """Each process may start elsewhere (ssh, srun): the workdir leaves the script absolute."""
+    env, _ = fake_bin
+    result = run_script(script, [*args, "--config=configs/tiny.py", "--workdir=runs/r1"], env)
+    assert result.returncode == 0, result.stderr
+    assert f"--workdir={REPO}/runs/r1" in result.stdout, result.stdout
+    assert "--workdir=runs/r1" not in result.stdout
+    home = run_script(script, [*args, "--config=c.py", "--workdir=~/w"], env)
+    assert f"--workdir={os.path.expanduser('~')}/w" in home.stdout, home.stdout
 
 
 def test_local_multiprocess_runs_all_and_propagates_failure(fake_bin, tmp_path):

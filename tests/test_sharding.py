@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax.sharding on 8 fake CPU devices (set in conftest.py)."""
+"""Tests for ddpm_jax.runtime.sharding on 8 fake CPU devices (set in conftest.py)."""
 
 import jax
 import jax.numpy as jnp

@@ -46,7 +46,7 @@ flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (defaul
 flags.DEFINE_string("json", None, "Write the results to this JSON file.")
 flags.DEFINE_list("parts", ["train", "forward", "sampling"], "What to measure.")
 flags.DEFINE_bool(
-    "xla_cpu_defaults", True, "Add ddpm_jax.xla_flags' CPU defaults to XLA_FLAGS (as main.py)."
+    "xla_cpu_defaults", True, "Add runtime.xla_flags' CPU defaults to XLA_FLAGS (as main.py)."
 )
 flags.mark_flags_as_required(["config"])
 

@@ -79,7 +79,7 @@ class DigitsConfig(tfds.core.BuilderConfig):
 class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """TFDS builder of the embedded digits dataset (see the module docstring).
 
-    Registration in TFDS' global registry is skipped: `ddpm_jax.datasets.sources` maps the
+    Registration in TFDS' global registry is skipped: `ddpm_jax.data.sources` maps the
     name "digits" to `prepare` explicitly, and once prepared the dataset also opens by name
     from its data_dir (`tfds.data_source("digits/16", data_dir=...)`).
     """

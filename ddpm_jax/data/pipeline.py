@@ -9,7 +9,7 @@ is a pure function of (seed, step) and a resumed run needs nothing but the step 
 
 Process p of P reads only rows [p·B/P, (p+1)·B/P) of each global batch. Images leave as
 float32 NHWC in [-1, 1] (uint8 x ↦ x / 127.5 − 1) with int32 labels; turning the per-process
-arrays into global `jax.Array`s is `ddpm_jax.sharding`'s job.
+arrays into global `jax.Array`s is `ddpm_jax.runtime.sharding`'s job.
 
 Opening and checking the split (`get_dataset_info`, `open_split`) lives in
 `ddpm_jax.data.sources` and the typed `config.data` (`DataConfig`, `DatasetInfo`) in

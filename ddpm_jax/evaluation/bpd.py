@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import likelihood
-from ddpm_jax.data import pipeline
+from ddpm_jax.data import pipeline, sources
 from ddpm_jax.experiment import Experiment, ExperimentConfig, Stream, stream_key
 from ddpm_jax.inference.sampler import Sampler
 from ddpm_jax.runtime import sharding as shd
@@ -99,9 +99,13 @@ def split_bits_per_dim(sampler: Sampler) -> BitsPerDimResult:
     the mesh; the last one is padded and its padding masked out.
     """
     mesh, cfg = sampler.mesh, sampler.config
-    batch_size = cfg.eval.batch_size
     cfg.check_devices(mesh.devices.size, jax.process_count(), mode="eval")
     p, num_p = jax.process_index(), jax.process_count()
+    info = sources.get_dataset_info(cfg.data, cfg.eval.split, num_classes=sampler.num_classes)
+    n = info.num_examples if cfg.eval.num_examples <= 0 else cfg.eval.num_examples
+    # Fewer examples than a batch: a smaller batch, not one mostly of padding.
+    multiple = int(np.lcm(mesh.devices.size, num_p))
+    batch_size = min(cfg.eval.batch_size, -(-min(n, info.num_examples) // multiple) * multiple)
     data = pipeline.make_eval_data(
         cfg.data,
         num_classes=sampler.num_classes,

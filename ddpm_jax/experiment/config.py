@@ -230,9 +230,11 @@ class SamplingOptions:
         fields.integer("sampling.num_steps", self.num_steps, 0, hint=" 0: all T steps.")
         fields.number("sampling.eta", self.eta, 0.0, hint=" 0: deterministic DDIM.")
         if self.eta != 0.0 and self.sampler != "ddim":
-            raise ConfigError(
-                f"config.sampling.eta = {self.eta!r} applies to the DDIM sampler only, but "
-                f"config.sampling.sampler = {self.sampler!r}; set eta to 0 or sampler to 'ddim'."
+            raise fields.fail(
+                "sampling.eta",
+                self.eta,
+                f"applies to the DDIM sampler only, but config.sampling.sampler = "
+                f"{self.sampler!r}; set eta to 0 or sampler to 'ddim'.",
             )
         fields.number("sampling.guidance_scale", self.guidance_scale, hint=" 1: no guidance.")
 
