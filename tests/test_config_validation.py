@@ -183,7 +183,7 @@ def _main(args, cwd):
     "args, expected",
     [
         (["--config.optim.learning_rate=-1e-3"], "config.optim.learning_rate = -0.001: must be"),
-        (["--config.training.batch_sz=8"], 'no field \'batch_sz\'; did you mean "batch_size"'),
+        (["--config.training.batch_sz=8"], "no field 'batch_sz'; did you mean \"batch_size\""),
         (["--config.training.batch_size=8.5"], "--config.training.batch_size=8.5"),
         (["--config.sampling.eta=0.3"], "config.sampling.eta = 0.3: applies to the DDIM"),
     ],
