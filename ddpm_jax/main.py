@@ -20,6 +20,7 @@ with exit status 2; `--verbose` shows the traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import flags
@@ -28,17 +29,28 @@ from ml_collections import config_flags
 from ddpm_jax import cli, errors
 
 FLAGS = flags.FLAGS
+# The package's defaults stand in when --config is not given, so that --config.group.field=v
+# overrides parse for sampling and evaluation too (they then apply to the workdir's config).
+_DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiment", "defaults.py")
 config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (required to train).", lock_config=True
+    "config", _DEFAULTS, "Experiment config file (required to train).", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")
 flags.mark_flags_as_required(["workdir"])
 
 
+def command_line_overrides() -> dict[str, object]:
+    """{"group.field": value} of the `--config.group.field=value` flags given."""
+    prefix = "config."
+    return {
+        n[len(prefix) :]: FLAGS[n].value for n in FLAGS if n.startswith(prefix) and FLAGS[n].present
+    }
+
+
 def load_config():
     """The `--config` ConfigDict (None if not given), or one `error:` line if it fails to load."""
-    if FLAGS["config"].value is None and not FLAGS["config"].present:
+    if not FLAGS["config"].present:
         return None
     try:
         config = FLAGS.config
@@ -61,8 +73,10 @@ def main(argv: list[str]) -> None:
     workdir = wd.resolve_path(FLAGS.workdir)
     if config is not None:
         config = wd.resolve_config_paths(config)
-    if FLAGS.mode != "train":  # the model and data of the workdir, how to run from the flags.
-        config = wd.resolve_config(config, workdir)
+    if FLAGS.mode != "train" and config is not None:  # the model and data of the workdir...
+        config = wd.resolve_config(config, workdir)  # ... how to run from --config.
+    elif FLAGS.mode != "train":  # the workdir's config, with the --config.* flags applied.
+        config = wd.apply_overrides(wd.read_config(workdir), command_line_overrides())
     ExperimentConfig.from_config(config)  # every field checked, before JAX even starts.
     cli.prepare_jax()
     import jax

@@ -5,9 +5,11 @@ Samplers:
   "ddim": Song et al.'s non-Markovian chain, x_{t'} = sqrt(ᾱ_{t'}) x̂_0 + sqrt(1 - ᾱ_{t'} - σ²) ε̂
     + σ z with σ² = η² σ_q², deterministic at η = 0 and distributed as "ancestral" with the
     "fixedsmall" variance at η = 1.
-Both run over all T steps or over a strided subset of K of them (Nichol & Dhariwal's
-respacing: the kept steps keep their ᾱ, and β is recomputed from it), calling `model_fn` with
-the original timestep indices.
+  "dpm_solver++", "unipc": multistep solvers of the probability-flow ODE of order 1-3
+    (`ddpm_jax.solvers`), deterministic, one network call per step, for 10-20 step chains.
+All run over all T steps or over a subset of K of them (Nichol & Dhariwal's respacing: the kept
+steps keep their ᾱ, and β is recomputed from it), calling `model_fn` with the original
+timestep indices.
 
 The whole chain is one `lax.scan`: `model_fn` is traced once whatever the number of steps, no
 value goes back to the host between steps, shapes are static, and the noise of each step is
@@ -25,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, schedules
+from ddpm_jax import diffusion, schedules, solvers
 from ddpm_jax.timesteps import resolve_steps, respaced_schedule, spaced_timesteps
 
 __all__ = [
@@ -47,7 +49,7 @@ __all__ = [
     "spaced_timesteps",
 ]
 
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = ("ancestral", "ddim", *solvers.SOLVERS)
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -113,13 +115,19 @@ def _ancestral_step(model_fn, sub, x, i, t, key, *, parameterization, variance, 
     return p.mean + jnp.where(i > 0, jnp.exp(0.5 * p.log_variance), 0.0) * z, p.pred_x0
 
 
+def _predict_x0(model_fn, sub, x, i, t, *, parameterization, clip_denoised):
+    """x̂_0 of the model at x (respaced index i, original timestep t), clipped if asked."""
+    out = model_fn(x, _vec(t, x.shape[0])).astype(x.dtype)
+    pred_x0 = diffusion.prediction_to_x0(sub, x, _vec(i, x.shape[0]), out, parameterization)
+    return jnp.clip(pred_x0, -1.0, 1.0) if clip_denoised else pred_x0
+
+
 def _ddim_step(model_fn, sub, x, i, t, key, *, parameterization, clip_denoised, eta):
     """DDIM from respaced index i (original timestep t) to index i - 1, and x̂_0."""
     i_vec = _vec(i, x.shape[0])
-    out = model_fn(x, _vec(t, x.shape[0])).astype(x.dtype)
-    pred_x0 = diffusion.prediction_to_x0(sub, x, i_vec, out, parameterization)
-    if clip_denoised:
-        pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
+    pred_x0 = _predict_x0(
+        model_fn, sub, x, i, t, parameterization=parameterization, clip_denoised=clip_denoised
+    )
     eps = diffusion.eps_from_x0(sub, x, i_vec, pred_x0)  # ε̂ consistent with the clipped x̂_0.
     ac_prev = sub.alphas_cumprod_prev[i]
     # 1 - ᾱ_prev from the float64-derived sqrt(1 - ᾱ): 1 - ᾱ in float32 loses digits near ᾱ = 1.
@@ -144,10 +152,12 @@ class ChainState(NamedTuple):
     Attributes:
       x: float32 [*shape], the current point x_t of the chain.
       frames: float32 [F, *shape], the recorded x̂_0 (F = 0 without a trajectory).
+      solver: the multistep solvers' history (`solvers.MultistepState`), () for the others.
     """
 
     x: jax.Array
     frames: jax.Array
+    solver: Any = ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -170,7 +180,7 @@ class ReverseChain:
       num_timesteps: T of the full chain (x_T is drawn with `fold_in(key, T)`).
       shape: the static shape (B, ...) of the samples.
       key: the chain's PRNG key.
-      sampler, parameterization, variance, clip_denoised, eta: as in `sample`.
+      sampler, parameterization, variance, clip_denoised, eta, order: as in `sample`.
       every: record x̂_0 every `every` steps (0: no trajectory).
     """
 
@@ -185,6 +195,7 @@ class ReverseChain:
     variance: str = "fixedlarge"
     clip_denoised: bool = True
     eta: float = 0.0
+    order: int = 2
     every: int = 0
 
     @property
@@ -206,7 +217,8 @@ class ReverseChain:
         elif tuple(x_T.shape) != self.shape:
             raise ValueError(f"x_T must have shape {self.shape}, got {tuple(x_T.shape)}.")
         frames = jnp.zeros((self.num_frames, *self.shape), jnp.float32)
-        return ChainState(jnp.asarray(x_T, jnp.float32), frames)
+        solver = solvers.init_state(self.shape) if self.sampler in solvers.SOLVERS else ()
+        return ChainState(jnp.asarray(x_T, jnp.float32), frames, solver)
 
     def run(self, state: ChainState, start: int | jax.Array, length: int) -> ChainState:
         """Runs steps j = start, ..., start + length - 1 (those >= K do nothing) in one scan."""
@@ -235,13 +247,20 @@ class ReverseChain:
         i = self.num_steps - 1 - j
         t = jnp.asarray(self.timesteps, jnp.int32)[i]
         kw = dict(parameterization=self.parameterization, clip_denoised=self.clip_denoised)
+        solver = state.solver
         if self.sampler == "ancestral":
             x, pred_x0 = _ancestral_step(
                 self.model_fn, self.sub, state.x, i, t, self.key, variance=self.variance, **kw
             )
-        else:
+        elif self.sampler == "ddim":
             x, pred_x0 = _ddim_step(
                 self.model_fn, self.sub, state.x, i, t, self.key, eta=float(self.eta), **kw
+            )
+        else:
+            pred_x0 = _predict_x0(self.model_fn, self.sub, state.x, i, t, **kw)
+            step = {"dpm_solver++": solvers.dpm_solver_pp_step, "unipc": solvers.unipc_step}
+            x, solver = step[self.sampler](
+                self.sub, state.x, pred_x0, solver, i, j, order=self.order
             )
         frames = state.frames
         if self.every:
@@ -249,7 +268,7 @@ class ReverseChain:
             f = jnp.clip(self.num_frames - 1 - i // self.every, 0, self.num_frames - 1)
             new = jnp.where(i % self.every == 0, pred_x0, frames[f])
             frames = jax.lax.dynamic_update_index_in_dim(frames, new, f, 0)
-        return ChainState(x, frames)
+        return ChainState(x, frames, solver)
 
 
 def reverse_chain(
@@ -264,11 +283,17 @@ def reverse_chain(
     sampler: str = "ancestral",
     num_steps: int | None = None,
     timesteps: Sequence[int] | np.ndarray | None = None,
+    timestep_spacing: str = "endpoints",
     eta: float = 0.0,
+    order: int = 2,
     return_trajectory_every: int = 0,
 ) -> ReverseChain:
     """Checks the arguments of `sample` and builds its `ReverseChain` (see `sample`)."""
     _check_choice(sampler, SAMPLERS, "sampler")
+    if sampler in solvers.SOLVERS:
+        solvers.check_order(sampler, order)
+    elif order != 2:
+        raise ValueError(f"order={order!r} applies to {solvers.SOLVERS} only, not {sampler!r}.")
     _check_choice(parameterization, diffusion.PARAMETERIZATIONS, "parameterization")
     _check_choice(variance, diffusion.VARIANCES, "variance")
     shape = _check_shape(shape)
@@ -279,7 +304,7 @@ def reverse_chain(
     every = return_trajectory_every
     if not isinstance(every, int | np.integer) or isinstance(every, bool) or every < 0:
         raise ValueError(f"return_trajectory_every must be an int >= 0, got {every!r}.")
-    sub, ts = resolve_steps(sched, num_steps, timesteps)
+    sub, ts = resolve_steps(sched, num_steps, timesteps, timestep_spacing)
     return ReverseChain(
         model_fn=model_fn,
         sub=sub,
@@ -292,6 +317,7 @@ def reverse_chain(
         variance=variance,
         clip_denoised=clip_denoised,
         eta=float(eta),
+        order=int(order),
         every=int(every),
     )
 
@@ -308,7 +334,9 @@ def sample(
     sampler: str = "ancestral",
     num_steps: int | None = None,
     timesteps: Sequence[int] | np.ndarray | None = None,
+    timestep_spacing: str = "endpoints",
     eta: float = 0.0,
+    order: int = 2,
     x_T: jax.Array | None = None,
     return_trajectory_every: int = 0,
 ) -> jax.Array | Trajectory:
@@ -336,11 +364,18 @@ def sample(
         choice for CIFAR-10) or "fixedsmall" (σ_t² = σ_q²). Unused by "ddim".
       clip_denoised: clip x̂_0 to [-1, 1] at every step (default True). The returned samples
         are clipped to [-1, 1] in any case.
-      sampler: "ancestral" (default) or "ddim".
-      num_steps: K evenly spaced steps (`spaced_timesteps`), in [1, T]; None (default): all T.
+      sampler: "ancestral" (default), "ddim", "dpm_solver++" or "unipc" (multistep ODE
+        solvers, `ddpm_jax.solvers`; they ignore `variance`).
+      num_steps: K steps spaced by `timestep_spacing` (`timesteps.spaced_timesteps`), in
+        [1, T]; None (default): all T.
       timesteps: explicit strictly increasing original timesteps to visit, instead of
         num_steps. The chain starts at the last one: include T - 1 to start from pure noise.
+        Every sampler's last step goes from the first of them to the clean image.
+      timestep_spacing: how `num_steps` are chosen: "endpoints" (default), "even"
+        (Nichol & Dhariwal), "linspace", "leading" or "trailing" (diffusers').
       eta: DDIM's η >= 0 (0: deterministic); "ddim" only.
+      order: 1, 2 (default) or 3, the order of "dpm_solver++" (its order 1 is DDIM with η = 0)
+        and "unipc"; the other samplers take only the default.
       x_T: optional starting point of `shape` (e.g. from `ddim_invert`) instead of drawing it.
       return_trajectory_every: k > 0 also returns x̂_0 every k steps, counted back from the
         final step (which is always recorded); 0 (default) returns the samples alone.
@@ -363,7 +398,9 @@ def sample(
         sampler=sampler,
         num_steps=num_steps,
         timesteps=timesteps,
+        timestep_spacing=timestep_spacing,
         eta=eta,
+        order=order,
         return_trajectory_every=return_trajectory_every,
     )
     return chain.result(chain.run(chain.init(x_T), 0, chain.num_steps))

@@ -139,3 +139,41 @@ def test_peaks_and_settings():
             bench.BenchSettings(**bad)
     with pytest.raises(ValueError, match="reference"):
         bench.run(tiny.get_config(), SETTINGS, reference="tensorflow")
+
+
+def test_sampler_accuracy_oracles_and_tables(monkeypatch):
+    """The oracles are exact, and a cut run of the part gives its tables."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ddpm_jax import schedules
+    from ddpm_jax.bench import sampler_accuracy as sa
+
+    sched = schedules.make_schedule(schedules.get_beta_schedule("linear", 1000))
+    # One component: the mixture's denoiser is the Gaussian posterior mean.
+    one = sa.Mixture(np.array([1.0]), np.full((1, 3), 0.3), np.array([0.5]))
+    x, t = jax.random.normal(jax.random.PRNGKey(0), (4, 3)), jnp.array([0, 10, 500, 999])
+    a = sched.alphas_cumprod[t][:, None]
+    want = 0.3 + jnp.sqrt(a) * 0.25 / (0.25 * a + 1 - a) * (x - jnp.sqrt(a) * 0.3)
+    np.testing.assert_allclose(one.denoiser(sched)(x, t), want, rtol=1e-5, atol=1e-6)
+    # The mixture's denoiser at t = 0 maps a point near a mode onto that mode's neighbourhood.
+    near = jnp.asarray(sa.MIXTURE.means + 0.01)
+    np.testing.assert_allclose(sa.MIXTURE.denoiser(sched)(near, jnp.zeros(4, jnp.int32)), near,
+                               atol=0.01)  # fmt: skip
+    draws = sa.MIXTURE.draw(jax.random.PRNGKey(1), 20000)
+    np.testing.assert_allclose(sa.MIXTURE.mode_weights(draws), sa.MIXTURE.weights, atol=0.02)
+    assert sa.sliced_wasserstein(draws, draws) == 0.0
+    assert sa.sliced_wasserstein(draws, draws + 0.1) > 0.05
+
+    monkeypatch.setattr(sa, "STEPS", (5,))
+    monkeypatch.setattr(sa, "SPACINGS", ("logsnr",))
+    monkeypatch.setattr(sa, "SAMPLERS", sa.SAMPLERS[:2] + sa.SAMPLERS[3:4])
+    gaussian = sa.gaussian_errors(sched, n=16)
+    assert set(gaussian["logsnr"]) == {"ddim", "dpm_solver++ 2"}
+    assert gaussian["logsnr"]["dpm_solver++ 2"]["5"] < gaussian["logsnr"]["ddim"]["5"]
+    mixture = sa.mixture_errors(sched, n=256)
+    cost = {"forward_s": 0.1, "samplers": {"ddim": {"step_over_forward": 1.0}}}
+    results = {"gaussian": gaussian, "mixture": mixture, "step_cost": cost}
+    table = sa.format_table(results)
+    assert "dpm_solver++ 2" in table and "sliced W1" in table

@@ -126,7 +126,23 @@ def _ddim_eta(d):
     d["sampling"]["eta"] = -0.1
 
 
-BAD.append((_ddim_eta, "sampling.eta", ">= 0"))
+def _solver_order(d):
+    d["sampling"]["sampler"] = "dpm_solver++"
+    d["sampling"]["order"] = 4
+
+
+def _leading_too_many(d):
+    d["sampling"]["num_steps"] = 100  # tiny's T: "leading" needs K + 1 <= T.
+    d["sampling"]["timestep_spacing"] = "leading"
+
+
+BAD += [
+    (_ddim_eta, "sampling.eta", ">= 0"),
+    (_solver_order, "sampling.order", "<= 3"),
+    (_set("sampling.order", 3), "sampling.order", "multistep solvers"),
+    (_set("sampling.timestep_spacing", "uniform"), "sampling.timestep_spacing", "'logsnr'"),
+    (_leading_too_many, "sampling.num_steps", "distinct timesteps"),
+]
 
 
 def test_there_are_at_least_fifty_distinct_bad_configs():

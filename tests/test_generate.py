@@ -151,6 +151,28 @@ def test_overrides_and_ddim(run):
     np.testing.assert_array_equal(images, sampler.sample(3, seed=0))  # η = 0: deterministic
 
 
+def test_fast_samplers_and_spacings_share_one_program_per_chain_length(run):
+    sampler = ddpm_jax.load_sampler(run[1])
+    kw = dict(sampler="dpm_solver++", num_steps=5, order=2)
+    a = sampler.sample_float(3, seed=0, timestep_spacing="logsnr", **kw)
+    b = sampler.sample_float(3, seed=0, timestep_spacing="trailing", **kw)
+    c = sampler.sample_float(3, seed=0, sampler="unipc", num_steps=5, timestep_spacing="even")
+    assert not np.array_equal(a, b) and a.shape == c.shape == (3, 8, 8, 1)
+    programs = [k for k in sampler._compiled if k != "model_fn"]
+    assert len(programs) == 2  # (dpm_solver++, 5 steps) and (unipc, 5 steps)
+    with pytest.raises(ValueError, match=r"config\.sampling\.order = 3: applies to"):
+        sampler.sample(2, sampler="ddim", order=3)
+    with pytest.raises(ValueError, match=r"config\.sampling\.timestep_spacing = 'uniform'"):
+        sampler.sample(2, timestep_spacing="uniform")
+
+
+def test_model_fn_is_the_jitted_network_of_the_workdir(run, sampler):
+    x = np.random.default_rng(0).standard_normal((3, 8, 8, 1)).astype(np.float32)
+    t = np.array([0, 5, 15], np.int32)
+    want = sampler.experiment.model_fn(sampler.params)(x, t)
+    np.testing.assert_allclose(np.asarray(sampler.model_fn(x, t)), np.asarray(want), atol=1e-6)
+
+
 def test_resolve_config_keeps_trained_fields_and_warns(run, caplog):
     config, workdir, _ = run
     cli = small_config(config.data.data_dir)

@@ -340,7 +340,10 @@ MODEL = oracle(SHORT)
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(sampler="euler"), r"sampler 'euler'.*\('ancestral', 'ddim'\)"),
+        (
+            dict(sampler="euler"),
+            r"sampler 'euler'.*\('ancestral', 'ddim', 'dpm_solver\+\+', 'unipc'\)",
+        ),
         (dict(parameterization="score"), r"parameterization 'score'.*'x0', 'eps', 'v'"),
         (dict(variance="learned"), r"variance 'learned'.*fixedsmall"),
         (dict(num_steps=0), r"num_steps must lie in \[1, T\] = \[1, 50\]"),

@@ -25,7 +25,10 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("TPU v5", 459.0),
 )
 
-PARTS = ("train", "forward", "sampling")
+# Parts that time the config's U-Net (and can be compared with the torch reference).
+MODEL_PARTS = ("train", "forward", "sampling")
+# sampler_accuracy: samplers against exact oracles (bench/sampler_accuracy.py).
+PARTS = (*MODEL_PARTS, "sampler_accuracy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +45,7 @@ class BenchSettings:
         compile time does not grow with the number of steps; () means (sample_steps, T).
       peak_tflops: peak TFLOP/s per device for MFU; None: look the device kind up in
         `PEAK_TFLOPS` (MFU is reported as None when neither gives a peak).
-      parts: which of "train", "forward", "sampling" to measure.
+      parts: which of `PARTS` to measure.
       seed: seed of the random inputs and parameters.
     """
 

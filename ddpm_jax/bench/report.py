@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from ddpm_jax.bench import jax_bench
-from ddpm_jax.bench.common import BenchSettings, finite_or_none, peak_tflops_for
+from ddpm_jax.bench.common import MODEL_PARTS, BenchSettings, finite_or_none, peak_tflops_for
 from ddpm_jax.runtime import workdir
 
 REFERENCES = ("torch",)
@@ -77,14 +77,21 @@ def run(
         raise ValueError(f"reference must be None or one of {REFERENCES}, got {reference!r}.")
     meta = environment(config_name, settings, str(config.model.dtype))
     peak, peak_source = peak_tflops_for(meta["device_kind"], settings.peak_tflops)
+    model_parts = any(p in settings.parts for p in MODEL_PARTS)
     results: dict[str, Any] = {
         "meta": meta,
         "peak": {"tflops_per_device": peak, "source": peak_source},
-        "jax": jax_bench.measure(config, settings, peak),
+        "jax": jax_bench.measure(config, settings, peak) if model_parts else None,
         "reference": None,
         "ratios": None,
     }
-    if reference == "torch":
+    if "sampler_accuracy" in settings.parts:
+        from ddpm_jax.bench import sampler_accuracy
+
+        results["sampler_accuracy"] = sampler_accuracy.measure(
+            config, settings.batch_size, settings.repeats
+        )
+    if reference == "torch" and model_parts:
         from ddpm_jax.bench import torch_ref
 
         device = "cuda" if meta["platform"] == "gpu" else "cpu"
@@ -149,7 +156,18 @@ def _get(d: dict[str, Any] | None, *path: str) -> Any:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A plain-text table of `results` (from `run`): ddpm_jax, the reference, their ratio."""
+    """Plain-text tables of `results` (from `run`): ddpm_jax, the reference, their ratio."""
+    parts = []
+    if results["jax"] is not None:
+        parts.append(_model_table(results))
+    if "sampler_accuracy" in results:
+        from ddpm_jax.bench import sampler_accuracy
+
+        parts.append(sampler_accuracy.format_table(results["sampler_accuracy"]))
+    return "\n".join(parts)
+
+
+def _model_table(results: dict[str, Any]) -> str:
     meta, ours, ref = results["meta"], results["jax"], results["reference"]
     rat = results["ratios"] or {}
     lines = [

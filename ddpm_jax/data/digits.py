@@ -177,6 +177,9 @@ def prepare(
     existing = builder()
     if existing.is_prepared():
         return existing
+    # TFDS' build shows progress bars that rewrite a line of a log file hundreds of times.
+    shown = tfds.core.utils.tqdm_utils._active
+    tfds.display_progress_bar(False)
     try:
         existing.download_and_prepare(
             file_format="array_record",
@@ -185,5 +188,7 @@ def prepare(
     except OSError:
         if not builder().is_prepared():  # else another process renamed its build in first.
             raise
+    finally:
+        tfds.display_progress_bar(shown)
     # A fresh builder reads the split sizes from the dataset_info.json now on disk.
     return builder()

@@ -59,44 +59,60 @@ class BitsPerDimResult:
         }
 
 
-def make_bpd_sums_fn(experiment: Experiment, key: jax.Array) -> Callable:
-    """`(params, images, labels, index, mask) -> sums`, per-example bound summed over a batch.
+# The T timesteps of a batch are evaluated in about this many jitted calls, for progress.
+BLOCKS = 10
 
-    Args of the returned function: images float32 [B, H, W, C] in [-1, 1], labels int32 [B]
-    (used by class-conditional models: the bound of p(x | y)), index int32 [B] (the
-    examples' positions in the split, for their keys), mask bool [B] (False on padding).
-    It returns float32 sums over the unmasked rows: `total`, `decoder`, `diffusion`,
-    `prior` (scalars), `terms` [T] and `count`.
+
+def make_bpd_block_fn(experiment: Experiment, key: jax.Array) -> Callable:
+    """`(params, images, labels, index, mask, timesteps) -> (term sums, prior sum, count)`.
+
+    For a batch: images float32 [B, H, W, C] in [-1, 1], labels int32 [B] (used by
+    class-conditional models: the bound of p(x | y)), index int32 [B] (the examples'
+    positions in the split, for their keys), mask bool [B] (False on padding), and a block
+    of timesteps int32 [n]. Returns float32 sums over the unmasked rows: the terms L_t at
+    those timesteps [n], the prior L_T, and the number of rows. Example i of the split uses
+    key `fold_in(key, i)`, and its term L_t that key's `fold_in(., t)`, so that the blocks add
+    up to `likelihood.bits_per_dim` of the example alone.
     """
     chunk = experiment.config.eval.bpd_timestep_chunk
-    num_classes = experiment.num_classes
+    num_classes, sched = experiment.num_classes, experiment.schedule
 
-    def one_example(params, image, label, example_key):
-        result = likelihood.bits_per_dim(
+    def one_example(params, image, label, example_key, timesteps):
+        terms = likelihood.bound_terms(
             experiment.model_fn(params, label[None] if num_classes else None),
-            experiment.schedule,
+            sched,
             image[None],
             example_key,
+            timesteps,
             timestep_chunk=chunk,
             **experiment.reverse.kwargs(),
         )
-        return jax.tree.map(lambda a: a[0], result)
+        return terms[0], likelihood.prior_bpd(sched, image[None])[0]
 
-    def sums(params, images, labels, index, mask):
+    def block(params, images, labels, index, mask, timesteps):
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-        r = jax.vmap(one_example, in_axes=(None, 0, 0, 0))(params, images, labels, keys)
+        terms, prior = jax.vmap(one_example, in_axes=(None, 0, 0, 0, None))(
+            params, images, labels, keys, timesteps
+        )
         w = mask.astype(jnp.float32)
-        out = {k: jnp.sum(w * getattr(r, k)) for k in ("total", "decoder", "diffusion", "prior")}
-        return {**out, "terms": w @ r.terms, "count": jnp.sum(w)}
+        return w @ terms, jnp.sum(w * prior), jnp.sum(w)
 
-    return sums
+    return block
+
+
+def timestep_blocks(num_timesteps: int, chunk: int) -> list[np.ndarray]:
+    """0..T-1 in blocks of equal length (a multiple of `chunk`), the last padded with T-1."""
+    size = max(chunk, -(-num_timesteps // (BLOCKS * chunk)) * chunk)
+    ts = np.arange(-(-num_timesteps // size) * size)
+    return [np.minimum(b, num_timesteps - 1).astype(np.int32) for b in ts.reshape(-1, size)]
 
 
 def split_bits_per_dim(sampler: Sampler) -> BitsPerDimResult:
     """The bound over `config.eval.split` (first `config.eval.num_examples`; 0: all).
 
     Batches of `config.eval.batch_size` (a multiple of the device count) are sharded over
-    the mesh; the last one is padded and its padding masked out.
+    the mesh; the last one is padded and its padding masked out. Each batch's T timesteps run
+    in `BLOCKS` jitted calls, so that progress is shown in forward passes as it happens.
     """
     mesh, cfg = sampler.mesh, sampler.config
     cfg.check_devices(mesh.devices.size, jax.process_count(), mode="eval")
@@ -116,33 +132,37 @@ def split_bits_per_dim(sampler: Sampler) -> BitsPerDimResult:
         num_examples=cfg.eval.num_examples,
     )
     batch_sh, replicated = shd.batch_sharding(mesh), shd.replicated(mesh)
-    sums_fn = jax.jit(
-        make_bpd_sums_fn(sampler.experiment, bpd_key(cfg)),
-        in_shardings=(shd.shardings_of(sampler.params), *[batch_sh] * 4),
+    block_fn = jax.jit(
+        make_bpd_block_fn(sampler.experiment, bpd_key(cfg)),
+        in_shardings=(shd.shardings_of(sampler.params), *[batch_sh] * 4, replicated),
         out_shardings=replicated,
     )
-    local = data.local_batch_size
-    total = None
     T = sampler.sched.num_timesteps
+    blocks = timestep_blocks(T, cfg.eval.bpd_timestep_chunk)
+    local = data.local_batch_size
+    terms, prior, count = np.zeros(T), 0.0, 0.0
     bar = Progress(data.num_examples * T, desc=f"bits/dim of {data.num_examples} images",
                    unit="forward passes")  # fmt: skip
     for k, batch in enumerate(data):
         index = (k * batch_size + p * local + np.arange(local)).astype(np.int32)
-        host = (batch["image"], batch["label"], index, batch["mask"])
-        sums = jax.device_get(sums_fn(sampler.params, *shd.host_to_global(host, mesh)))
-        sums = {name: np.asarray(v, np.float64) for name, v in sums.items()}
-        total = sums if total is None else {n: total[n] + sums[n] for n in total}
-        bar.update(int(sums["count"]) * T)
+        host = shd.host_to_global((batch["image"], batch["label"], index, batch["mask"]), mesh)
+        for ts in blocks:
+            block_terms, block_prior, rows = jax.device_get(block_fn(sampler.params, *host, ts))
+            first = np.unique(ts, return_index=True)[1]  # the padding repeats T - 1.
+            terms[ts[first]] += np.asarray(block_terms, np.float64)[first]
+            bar.update(int(rows) * first.size)
+        prior += float(block_prior)
+        count += float(rows)
     bar.close()
-    count = total.pop("count")
-    if round(float(count)) != data.num_examples:  # the mask is what makes the mean exact.
+    if round(count) != data.num_examples:  # the mask is what makes the mean exact.
         raise RuntimeError(f"evaluated {count} examples, expected {data.num_examples}.")
-    means = {name: v / count for name, v in total.items()}
+    terms, prior = terms / count, prior / count
+    decoder, diffusion = float(terms[0]), float(terms[1:].sum())
     return BitsPerDimResult(
         num_examples=data.num_examples,
-        total=float(means["total"]),
-        decoder=float(means["decoder"]),
-        diffusion=float(means["diffusion"]),
-        prior=float(means["prior"]),
-        terms=means["terms"],
+        total=decoder + diffusion + prior,
+        decoder=decoder,
+        diffusion=diffusion,
+        prior=prior,
+        terms=terms,
     )

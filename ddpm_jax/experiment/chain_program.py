@@ -78,13 +78,10 @@ class ChainProgram:
             raise ValueError(f"padded={padded} is not a multiple of {mesh.devices.size} devices.")
         self.experiment, self.mesh, self.padded, self.options = experiment, mesh, padded, options
         self.reverse = experiment.reverse if reverse is None else reverse
-        sched = experiment.schedule
-        sub, ts = timesteps.resolve_steps(sched, options.num_steps or None, None)
-        self.num_steps = int(ts.size)
+        self.num_steps = options.num_steps or experiment.schedule.num_timesteps
         self.segment = math.ceil(self.num_steps / SEGMENTS)
-        replicated = shd.replicated(mesh)
-        self._sub = jax.device_put(sub, replicated)
-        self._ts = jax.device_put(jnp.asarray(ts, jnp.int32), replicated)
+        self._steps: dict[tuple[int, ...], tuple] = {}
+        self._sub, self._ts = self.device_steps(options.timesteps(experiment.config.diffusion))
         batch_sh = shd.batch_sharding(mesh)
         self._prepare = jax.jit(self._prepare_fn, out_shardings=(batch_sh, batch_sh))
         self._init = jax.jit(
@@ -96,6 +93,20 @@ class ChainProgram:
             donate_argnums=(3,),
         )
         self._finish = jax.jit(_images_of, out_shardings=batch_sh)
+
+    def device_steps(self, ts: np.ndarray) -> tuple[PyTree, jax.Array]:
+        """The respaced schedule and timesteps [K] of a chain, on the mesh (cached)."""
+        key = tuple(int(t) for t in ts)
+        if len(key) != self.num_steps:
+            raise ValueError(f"this program runs chains of {self.num_steps} steps, got {len(key)}.")
+        if key not in self._steps:
+            sub = timesteps.respaced_schedule(self.experiment.schedule, np.asarray(key))
+            replicated = shd.replicated(self.mesh)
+            self._steps[key] = (
+                jax.device_put(sub, replicated),
+                jax.device_put(jnp.asarray(key, jnp.int32), replicated),
+            )
+        return self._steps[key]
 
     # Per image: `key` is its chain's key, `label` its (drawn) class label.
     def _chain(self, params, sub, ts, key, label) -> sampling.ReverseChain:
@@ -118,6 +129,7 @@ class ChainProgram:
             key=key,
             sampler=self.options.sampler,
             eta=float(self.options.eta),
+            order=self.options.order,
             **self.reverse.kwargs(),
         )
 
@@ -149,6 +161,7 @@ class ChainProgram:
         index: int,
         labels: np.ndarray,
         progress: Progress | None = None,
+        timesteps: np.ndarray | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Draws the chunk: (images float32 [P, H, W, C] in [-1, 1], labels int32 [P]).
 
@@ -159,12 +172,15 @@ class ChainProgram:
           labels: int32 [P], a class label per image or -1 to draw it.
           progress: counts reverse steps (K per chunk) if given; each segment then waits for
             the previous one, so that the count is true.
+          timesteps: the K timesteps to visit, increasing; default the options' (any K of
+            them run on the same compiled program).
         """
+        sub, ts = self.device_steps(timesteps) if timesteps is not None else (self._sub, self._ts)
         args = shd.global_replicated((key, np.int32(index), labels), self.mesh)
         keys, drawn = self._prepare(*args)
-        state = self._init(self._sub, self._ts, keys)
+        state = self._init(sub, ts, keys)
         for start in range(0, self.num_steps, self.segment):
-            state = self._run(params, self._sub, self._ts, state, keys, drawn, np.int32(start))
+            state = self._run(params, sub, ts, state, keys, drawn, np.int32(start))
             if progress is not None:
                 jax.block_until_ready(state)
                 progress.update(min(self.segment, self.num_steps - start))

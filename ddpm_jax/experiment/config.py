@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ddpm_jax import diffusion, fields, sampling, schedules
+from ddpm_jax import diffusion, fields, sampling, schedules, solvers, timesteps
 from ddpm_jax.data.config import DataConfig
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.models.config import ModelConfig
@@ -210,20 +210,26 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
-    """How to run the reverse chain (hashable: one compilation per distinct options).
+    """How to run the reverse chain (hashable: one compilation per distinct `program_key`).
 
     Attributes:
-      sampler: "ancestral" or "ddim".
+      sampler: one of `sampling.SAMPLERS`: "ancestral", "ddim", "dpm_solver++", "unipc".
       num_steps: steps of the chain; 0 means all T.
       eta: DDIM's η (0: deterministic); "ddim" only.
       guidance_scale: classifier-free guidance w (1: the conditional model alone);
         class-conditional models only.
+      order: 1, 2 or 3, the order of the multistep solvers ("dpm_solver++", "unipc"); the
+        other samplers take only the default, 2.
+      timestep_spacing: which `num_steps` timesteps are visited, one of
+        `timesteps.SPACINGS` ("endpoints", the default, keeps 0 and T-1).
     """
 
     sampler: str = "ancestral"
     num_steps: int = 0
     eta: float = 0.0
     guidance_scale: float = 1.0
+    order: int = 2
+    timestep_spacing: str = "endpoints"
 
     def __post_init__(self):
         fields.choice("sampling.sampler", self.sampler, sampling.SAMPLERS)
@@ -237,16 +243,46 @@ class SamplingOptions:
                 f"{self.sampler!r}; set eta to 0 or sampler to 'ddim'.",
             )
         fields.number("sampling.guidance_scale", self.guidance_scale, hint=" 1: no guidance.")
+        fields.integer("sampling.order", self.order, 1, solvers.MAX_ORDER)
+        if self.order != 2 and self.sampler not in solvers.SOLVERS:
+            raise fields.fail(
+                "sampling.order",
+                self.order,
+                f"applies to the multistep solvers {solvers.SOLVERS} only, but "
+                f"config.sampling.sampler = {self.sampler!r}; leave it at 2.",
+            )
+        fields.choice("sampling.timestep_spacing", self.timestep_spacing, timesteps.SPACINGS)
 
-    def check(self, num_timesteps: int, num_classes: int) -> None:
+    @property
+    def program_key(self) -> tuple:
+        """What a compiled chain depends on: not which timesteps it visits, only how many."""
+        return (self.sampler, self.num_steps, self.eta, self.guidance_scale, self.order)
+
+    def timesteps(self, diffusion: DiffusionConfig) -> np.ndarray:
+        """The timesteps the chain visits (all T when num_steps is 0), int64 [K], increasing."""
+        T = diffusion.num_timesteps
+        if self.num_steps == 0:
+            return np.arange(T)
+        try:
+            return timesteps.spaced_timesteps(
+                T, self.num_steps, self.timestep_spacing, np.cumprod(1.0 - diffusion.betas())
+            )
+        except ValueError as e:
+            raise ConfigError(
+                f"config.sampling.num_steps = {self.num_steps} with timestep_spacing = "
+                f"{self.timestep_spacing!r}: {e}"
+            ) from e
+
+    def check(self, diffusion: DiffusionConfig, num_classes: int) -> None:
         """Raises `ConfigError` for options this model cannot sample with."""
-        if self.num_steps > num_timesteps:
+        if self.num_steps > diffusion.num_timesteps:
             raise fields.fail(
                 "sampling.num_steps",
                 self.num_steps,
                 f"must be 0 (all steps) or at most config.diffusion.num_timesteps = "
-                f"{num_timesteps}.",
+                f"{diffusion.num_timesteps}.",
             )
+        self.timesteps(diffusion)
         if self.guidance_scale != 1.0 and num_classes == 0:
             raise ConfigError(
                 f"config.sampling.guidance_scale = {self.guidance_scale} needs a "
@@ -265,9 +301,11 @@ class SamplingConfig:
     batch_size: int = 256
     seed: int = 42
     guidance_scale: float = 1.0
+    order: int = 2
+    timestep_spacing: str = "endpoints"
 
     def __post_init__(self):
-        SamplingOptions(self.sampler, self.num_steps, self.eta, self.guidance_scale)  # checks.
+        self.options  # noqa: B018  (checks the chain's fields)
         fields.integer("sampling.num_samples", self.num_samples, 1)
         fields.integer("sampling.batch_size", self.batch_size, 1)
         fields.integer("sampling.seed", self.seed, 0, 2**31 - 1)
@@ -275,7 +313,10 @@ class SamplingConfig:
     @property
     def options(self) -> SamplingOptions:
         """The chain's options."""
-        return SamplingOptions(self.sampler, self.num_steps, self.eta, self.guidance_scale)
+        return SamplingOptions(
+            self.sampler, self.num_steps, self.eta, self.guidance_scale, self.order,
+            self.timestep_spacing,
+        )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,7 +402,7 @@ class ExperimentConfig:
             eval=_from_group(EvalConfig, "eval", groups["eval"]),
             mesh=_from_group(MeshConfig, "mesh", groups["mesh"]),
         )
-        view.sampling.options.check(view.diffusion.num_timesteps, model.num_classes)
+        view.sampling.options.check(view.diffusion, model.num_classes)
         if model.output_channels != data.channels:
             raise ConfigError(
                 f"config.model.out_channels = {model.out_channels!r} must be None or "

@@ -150,7 +150,7 @@ class Sampler:
         """`config.sampling`'s chain options with the non-None `changes` applied, checked."""
         given = {k: v for k, v in changes.items() if v is not None}
         options = dataclasses.replace(self.config.sampling.options, **given)
-        options.check(self.sched.num_timesteps, self.num_classes)
+        options.check(self.config.diffusion, self.num_classes)
         return options
 
     def sample_chunk(
@@ -185,12 +185,14 @@ class Sampler:
         labels_in = np.full((padded,), -1, np.int32)  # -1: draw the label.
         if labels is not None:
             labels_in[:size] = self._check_labels(labels, size)
-        program = self._compiled.get((padded, options))
+        # Chains of the same length share one compiled program, whichever timesteps.
+        program = self._compiled.get((padded, options.program_key))
         if program is None:
             program = ChainProgram(self.experiment, self.mesh, padded, options)
-            self._compiled[(padded, options)] = program
+            self._compiled[(padded, options.program_key)] = program
         raw = raw_key(key, self.config.sampling.seed)
-        images, out_labels = program(self.params, raw, int(index), labels_in, progress)
+        ts = options.timesteps(self.config.diffusion)
+        images, out_labels = program(self.params, raw, int(index), labels_in, progress, ts)
         return Chunk(images, out_labels, int(size))
 
     def steps_per_chunk(self, options: SamplingOptions | None = None) -> int:
@@ -247,6 +249,8 @@ class Sampler:
         num_steps: int | None = None,
         eta: float | None = None,
         guidance_scale: float | None = None,
+        order: int | None = None,
+        timestep_spacing: str | None = None,
         labels: np.ndarray | None = None,
         batch_size: int | None = None,
         return_labels: bool = False,
@@ -264,6 +268,9 @@ class Sampler:
           eta: DDIM's η; None: `config.sampling.eta`.
           guidance_scale: classifier-free guidance w (class-conditional models); None:
             `config.sampling.guidance_scale`.
+          order: order of "dpm_solver++" / "unipc" (1, 2, 3); None: `config.sampling.order`.
+          timestep_spacing: which `num_steps` timesteps (`timesteps.SPACINGS`); None:
+            `config.sampling.timestep_spacing`.
           labels: int [N] class labels in [0, num_classes]; None: drawn uniformly.
           batch_size: images per chunk; None: `config.sampling.batch_size`.
           return_labels: also return the int32 [N] labels the images were drawn with.
@@ -274,8 +281,8 @@ class Sampler:
         """
         out = self.sample_float(
             num_images, key, seed=seed, sampler=sampler, num_steps=num_steps, eta=eta,
-            guidance_scale=guidance_scale, labels=labels, batch_size=batch_size,
-            return_labels=return_labels, progress=progress,
+            guidance_scale=guidance_scale, order=order, timestep_spacing=timestep_spacing,
+            labels=labels, batch_size=batch_size, return_labels=return_labels, progress=progress,
         )  # fmt: skip
         if return_labels:
             return metrics.to_uint8(out[0]), out[1]
@@ -291,6 +298,8 @@ class Sampler:
         num_steps: int | None = None,
         eta: float | None = None,
         guidance_scale: float | None = None,
+        order: int | None = None,
+        timestep_spacing: str | None = None,
         labels: np.ndarray | None = None,
         batch_size: int | None = None,
         return_labels: bool = False,
@@ -302,8 +311,9 @@ class Sampler:
                 raise ValueError("pass key or seed, not both.")
             key = seed
         options = self.options(
-            sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale
-        )
+            sampler=sampler, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
+            order=order, timestep_spacing=timestep_spacing,
+        )  # fmt: skip
         images, all_labels = [], []
         chunks = self.iter_chunks(
             num_images, key, options=options, labels=labels, batch_size=batch_size,

@@ -66,7 +66,8 @@ class Progress:
         self._enabled = enabled and jax.process_index() == 0
         self._interval = interval_s
         self._postfix: dict[str, Any] = {}
-        self._start = self._last_line = time.monotonic()
+        self._last_line, self._printed_n = time.monotonic(), None
+        self._first: tuple[int, float] | None = None  # (count, time) after the first update
         self._bar = None
         if self._enabled and _is_terminal(self._stream):
             import tqdm
@@ -78,6 +79,8 @@ class Progress:
 
     def update(self, n: int = 1) -> None:
         """Marks `n` more units done."""
+        if self._first is None:  # rates from the first unit on: compiling is not progress.
+            self._first = (self.n + n, time.monotonic())
         self.n += n
         if self._bar is not None:
             self._bar.update(n)
@@ -92,11 +95,12 @@ class Progress:
 
     def line(self) -> str:
         """The progress line as it would be printed now."""
-        elapsed = time.monotonic() - self._start
-        done = self.n - self._start_n
         parts = [f"{self.desc}: {self.n}/{self.total} {self.unit}"]
         if self.total:
             parts[0] += f" ({100.0 * self.n / self.total:.1f}%)"
+        done, elapsed = 0, 0.0
+        if self._first is not None:
+            done, elapsed = self.n - self._first[0], time.monotonic() - self._first[1]
         if done > 0 and elapsed > 0:
             rate = done / elapsed
             parts.append(f"{rate:.3g} {self.unit}/s")
@@ -107,14 +111,14 @@ class Progress:
 
     def _print_line(self) -> None:
         print(self.line(), file=self._stream, flush=True)
-        self._last_line = time.monotonic()
+        self._last_line, self._printed_n = time.monotonic(), self.n
 
     def close(self) -> None:
         """Prints the final state (off a terminal) and releases the bar."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self._enabled and self.n != self._start_n:
+        elif self._enabled and self.n not in (self._start_n, self._printed_n):
             self._print_line()
         self._enabled = False
 

@@ -192,9 +192,28 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         )
     try:
         with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
+            saved = json.load(f)
     except json.JSONDecodeError as e:
         raise WorkdirError(f"{path} is not valid JSON ({e}); restore it from a backup.") from e
+    return ml_collections.ConfigDict(_with_new_fields(saved, path))
+
+
+def _with_new_fields(saved: dict[str, Any], path: str) -> dict[str, Any]:
+    """A config.json of an earlier version, with the fields added since set to their defaults."""
+    from ddpm_jax.experiment import defaults  # the layer above; imported when first needed.
+
+    added = []
+    merged = config_as_dict(defaults.get_config())
+    for group, values in saved.items():
+        if isinstance(values, Mapping) and isinstance(merged.get(group), Mapping):
+            added += [f"{group}.{k}" for k in merged[group] if k not in values]
+            merged[group] = {**merged[group], **values}
+        else:
+            merged[group] = values
+    added += [g for g in merged if g not in saved]
+    if added:
+        logging.info("%s predates field(s) %s: using their defaults.", path, ", ".join(added))
+    return merged
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -318,13 +337,14 @@ def apply_overrides(
         allowed = parts[0] in RUN_GROUPS or path in LOCAL_FIELDS + SAMPLING_DIFFUSION_FIELDS
         if len(parts) != 2 or not allowed:
             raise WorkdirError(
-                f"config_overrides key {path!r} cannot be overridden: use 'group.field' in "
-                f"{'/'.join(RUN_GROUPS)} or one of {LOCAL_FIELDS + SAMPLING_DIFFUSION_FIELDS}; "
-                "the model, data and schedule are fixed by the checkpoint."
+                f"config.{path} cannot be changed for sampling or evaluation: the model, data "
+                "and schedule are fixed by the checkpoint; only the groups "
+                f"{'/'.join(RUN_GROUPS)} and {', '.join(LOCAL_FIELDS + SAMPLING_DIFFUSION_FIELDS)} "
+                "may change."
             )
         group, field = parts
         if group not in config or field not in config[group]:
-            raise WorkdirError(f"config_overrides key {path!r} names no field of the config.")
+            raise WorkdirError(f"config.{path} names no field of the config.")
         config[group][field] = value
     return config
 
