@@ -28,6 +28,7 @@ absolute_workdir_args() {
   for arg in "$@"; do
     if [[ $arg == --workdir=* ]]; then
       value=${arg#--workdir=}
+      # shellcheck disable=SC2088  # the literal "~" of a path not yet expanded is matched.
       case $value in
         *://* | /*) ;;
         "~" | "~/"*) value=$HOME${value#\~} ;;
