@@ -14,6 +14,7 @@ float arrays [B, ...] (NHWC for images) in [-1, 1]. A model is any callable
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -24,7 +25,10 @@ import numpy as np
 from ddpm_jax.schedules import Schedule
 
 PARAMETERIZATIONS = ("x0", "eps", "v")
-VARIANCES = ("fixedsmall", "fixedlarge")
+FIXED_VARIANCES = ("fixedsmall", "fixedlarge")
+# A learned variance doubles the model's channels: the prediction, then v per dimension.
+LEARNED_VARIANCES = ("learned", "learned_range")
+VARIANCES = FIXED_VARIANCES + LEARNED_VARIANCES
 WEIGHTINGS = ("elbo", "x0_mse", "eps_mse", "v_mse", "snr_trunc", "min_snr")
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -235,6 +239,48 @@ class PMeanVariance(NamedTuple):
     pred_x0: jax.Array
 
 
+def is_learned(variance: str) -> bool:
+    """True for a variance the model predicts ("learned", "learned_range")."""
+    _check_choice(variance, VARIANCES, "variance")
+    return variance in LEARNED_VARIANCES
+
+
+def split_output(model_output: jax.Array, x: jax.Array, variance: str):
+    """(prediction, v) of a model's output: v is None for a fixed variance.
+
+    With a learned variance the model outputs 2C channels for C-channel data: the prediction
+    (in its parameterization), then v, which sets the log-variance (`learned_log_variance`).
+    """
+    c = x.shape[-1]
+    if not is_learned(variance):
+        return model_output, None
+    if model_output.shape != (*x.shape[:-1], 2 * c):
+        raise ValueError(
+            f"With variance={variance!r} the model must output 2C = {2 * c} channels (the "
+            f"prediction, then the variance), shape {(*x.shape[:-1], 2 * c)}; got "
+            f"{model_output.shape}."
+        )
+    return model_output[..., :c], model_output[..., c:]
+
+
+def learned_log_variance(
+    sched: Schedule, t: jax.Array, x: jax.Array, v: jax.Array, variance: str
+) -> jax.Array:
+    """log σ_t² from the model's variance output v (x's shape).
+
+    "learned": log σ_t² = v (Ho et al.'s learned variance). "learned_range" (Nichol &
+    Dhariwal): log σ_t² = f log β_t + (1 - f) log σ_q²(clipped), f = (v + 1)/2, an
+    interpolation between the two fixed choices: v = -1 is exactly "fixedsmall", v = +1 is
+    β_t (= "fixedlarge" for t >= 1; at t = 0 β_1 where "fixedlarge" takes σ_q² of step 2).
+    """
+    if variance == "learned":
+        return v
+    frac = (v + 1.0) / 2.0
+    min_log = _extract(sched.posterior_log_variance_clipped, t, x)
+    max_log = _extract(jnp.log(sched.betas), t, x)
+    return frac * max_log + (1.0 - frac) * min_log
+
+
 def model_variance(
     sched: Schedule, t: jax.Array, x: jax.Array, variance: str
 ) -> tuple[jax.Array, jax.Array]:
@@ -246,7 +292,7 @@ def model_variance(
     log-variance is the same under both choices (β_1 when T = 1).
     """
     t = _check_t(sched, t, x)
-    _check_choice(variance, VARIANCES, "variance")
+    _check_choice(variance, FIXED_VARIANCES, "fixed variance")
     if variance == "fixedsmall":
         return (
             _extract(sched.posterior_variance, t, x),
@@ -277,25 +323,32 @@ def p_mean_variance(
 
     Args:
       sched: the schedule.
-      model_output: the model's prediction at (x_t, t), x_t's shape.
+      model_output: the model's output at (x_t, t): x_t's shape, or 2C channels with a
+        learned variance (the prediction, then v; see `split_output`).
       x_t: noisy data, float [B, ...].
       t: int [B] in [0, T).
       parameterization: what the model predicts: "x0", "eps" or "v".
-      variance: "fixedsmall" or "fixedlarge" (see `model_variance`).
+      variance: "fixedsmall" or "fixedlarge" (see `model_variance`), or "learned" /
+        "learned_range" (see `learned_log_variance`).
       clip_denoised: clip x̂_0 to [-1, 1] before forming the mean.
 
     Returns:
       `PMeanVariance(mean, variance, log_variance, pred_x0)`, each of x_t's shape.
     """
     t = _check_t(sched, t, x_t)
-    pred_x0 = prediction_to_x0(sched, x_t, t, model_output, parameterization)
+    prediction, v = split_output(model_output, x_t, variance)
+    pred_x0 = prediction_to_x0(sched, x_t, t, prediction, parameterization)
     if clip_denoised:
         pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
     mean = (
         _extract(sched.posterior_mean_coef1, t, x_t) * pred_x0
         + _extract(sched.posterior_mean_coef2, t, x_t) * x_t
     )
-    var, log_var = model_variance(sched, t, x_t, variance)
+    if v is None:
+        var, log_var = model_variance(sched, t, x_t, variance)
+    else:
+        log_var = learned_log_variance(sched, t, x_t, v.astype(x_t.dtype), variance)
+        var = jnp.exp(log_var)
     return PMeanVariance(
         mean=mean,
         variance=jnp.broadcast_to(var, x_t.shape),
@@ -361,6 +414,8 @@ def training_losses(
     parameterization: str = "x0",
     weighting: str = "elbo",
     min_snr_gamma: float = 5.0,
+    variance: str = "fixedlarge",
+    vlb_weight: float = 0.0,
     t: jax.Array | None = None,
     noise: jax.Array | None = None,
 ) -> Losses:
@@ -377,6 +432,16 @@ def training_losses(
     the decoder term at t = 0). Every other weighting is a mean over dimensions (a mean squared
     error, Ho et al.'s convention for L_simple).
 
+    With a learned variance ("learned", "learned_range"; the model outputs 2C channels):
+    - weighting="elbo": the loss is T·L_t, the exact bound's term at t with the learned
+      variance (the KL, or the discretised decoder NLL at t = 0), in nats summed over
+      dimensions, so mean and variance are both trained on the true bound;
+    - any other weighting: the weighted MSE of the prediction plus `vlb_weight`·T·L_t in bits
+      per dimension (mean over dimensions), with a stop-gradient on the mean, so that the
+      mean is trained by the MSE alone and the variance by the bound. `vlb_weight` = 0.001 is
+      Nichol & Dhariwal's L_hybrid, at the scale of improved-diffusion's "rescaled MSE"
+      (L_t · T/1000 there).
+
     Args:
       model_fn: `model_fn(x_t, t) -> prediction`, x_t's shape.
       sched: the schedule.
@@ -385,6 +450,8 @@ def training_losses(
       parameterization: what the model predicts: "x0", "eps" or "v".
       weighting: one of `WEIGHTINGS` (see `loss_weight`).
       min_snr_gamma: γ of "min_snr".
+      variance: the reverse-process variance; a learned one adds the bound's term (above).
+      vlb_weight: λ >= 0 of the bound's term next to a weighted MSE (learned variances).
       t: optional int [B] timesteps to use instead of drawing them.
       noise: optional ε, x0's shape, to use instead of drawing it.
 
@@ -393,6 +460,12 @@ def training_losses(
     """
     _check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
     _check_choice(weighting, WEIGHTINGS, "weighting")
+    learned = is_learned(variance)
+    if not vlb_weight >= 0.0 or (vlb_weight and (not learned or weighting == "elbo")):
+        raise ValueError(
+            f"vlb_weight={vlb_weight} must be >= 0, and 0 unless the variance is learned and "
+            f"the weighting is not 'elbo' (variance={variance!r}, weighting={weighting!r})."
+        )
     t_key, noise_key = jax.random.split(key)
     if t is None:
         t = jax.random.randint(t_key, (x0.shape[0],), 0, sched.num_timesteps, dtype=jnp.int32)
@@ -400,17 +473,31 @@ def training_losses(
     if noise is None:
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
     x_t = q_sample(sched, x0, t, noise)
-    prediction = model_fn(x_t, t)
+    output = model_fn(x_t, t)
+    prediction, v = split_output(output, x0, variance)
     if prediction.shape != x0.shape:
         raise ValueError(
             f"model_fn must return x_t's shape {x0.shape}, got {prediction.shape}; a model with "
-            "a learned variance returns more channels, which this loss does not use."
+            "a learned variance returns 2C channels: pass variance='learned' or "
+            "'learned_range'."
         )
+    if learned:
+        # The bound's terms live in `likelihood`, which builds on this module.
+        from ddpm_jax import likelihood
+
+        kw = dict(parameterization=parameterization, variance=variance, clip_denoised=False)
+        T = sched.num_timesteps
+        if weighting == "elbo":  # the true bound for mean and variance together.
+            bits = likelihood.vb_term_bpd(sched, x0, x_t, t, output, **kw)
+            return Losses(loss=T * bits * math.prod(x0.shape[1:]) * math.log(2.0), t=t)
+        frozen = jnp.concatenate([jax.lax.stop_gradient(prediction), v], axis=-1)
+        vlb = T * likelihood.vb_term_bpd(sched, x0, x_t, t, frozen, **kw)
     target = x0_to_prediction(sched, x_t, t, x0, parameterization)
     sq = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
     err = _sum_flat(sq) if weighting == "elbo" else _mean_flat(sq)
     w = loss_weight(sched, t, weighting, min_snr_gamma=min_snr_gamma)
-    return Losses(loss=w / _native_scale(sched, t, parameterization) * err, t=t)
+    loss = w / _native_scale(sched, t, parameterization) * err
+    return Losses(loss=loss + vlb_weight * vlb if learned else loss, t=t)
 
 
 # --------------------------------------------------------------------------- the bound, re-exported

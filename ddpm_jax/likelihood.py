@@ -110,10 +110,33 @@ def _vb_term_bpd(
     clip_denoised: bool,
 ) -> jax.Array:
     """L_t of the bound in bits/dim, per example [B]: the decoder NLL at t = 0, else the KL."""
+    return vb_term_bpd(
+        sched, x0, x_t, t, model_fn(x_t, t), parameterization=parameterization,
+        variance=variance, clip_denoised=clip_denoised,
+    )  # fmt: skip
+
+
+def vb_term_bpd(
+    sched: Schedule,
+    x0: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    model_output: jax.Array,
+    *,
+    parameterization: str = "x0",
+    variance: str = "fixedsmall",
+    clip_denoised: bool = False,
+) -> jax.Array:
+    """The bound's term L_t in bits/dim (mean over dimensions), per example: float32 [B].
+
+    L_0 = -log p_θ(x_0|x_1) with the discretised Gaussian decoder at t = 0, else
+    L_t = KL(q(x_{t-1}|x_t, x_0) || p_θ(x_{t-1}|x_t)), from the model's output at (x_t, t)
+    (x_t's shape, or 2C channels with a learned variance).
+    """
     true_mean, _, true_log_var = diffusion.q_posterior_mean_variance(sched, x0, x_t, t)
     p = diffusion.p_mean_variance(
         sched,
-        model_fn(x_t, t),
+        model_output,
         x_t,
         t,
         parameterization=parameterization,

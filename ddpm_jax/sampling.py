@@ -115,19 +115,23 @@ def _ancestral_step(model_fn, sub, x, i, t, key, *, parameterization, variance, 
     return p.mean + jnp.where(i > 0, jnp.exp(0.5 * p.log_variance), 0.0) * z, p.pred_x0
 
 
-def _predict_x0(model_fn, sub, x, i, t, *, parameterization, clip_denoised):
-    """x̂_0 of the model at x (respaced index i, original timestep t), clipped if asked."""
-    out = model_fn(x, _vec(t, x.shape[0])).astype(x.dtype)
+def _predict_x0(model_fn, sub, x, i, t, *, parameterization, clip_denoised, variance):
+    """x̂_0 of the model at x (respaced index i, original timestep t), clipped if asked.
+
+    A learned variance's channels are dropped: DDIM and the ODE solvers need only the mean.
+    """
+    out, _ = diffusion.split_output(model_fn(x, _vec(t, x.shape[0])).astype(x.dtype), x, variance)
     pred_x0 = diffusion.prediction_to_x0(sub, x, _vec(i, x.shape[0]), out, parameterization)
     return jnp.clip(pred_x0, -1.0, 1.0) if clip_denoised else pred_x0
 
 
-def _ddim_step(model_fn, sub, x, i, t, key, *, parameterization, clip_denoised, eta):
+def _ddim_step(model_fn, sub, x, i, t, key, *, parameterization, clip_denoised, variance, eta):
     """DDIM from respaced index i (original timestep t) to index i - 1, and x̂_0."""
     i_vec = _vec(i, x.shape[0])
     pred_x0 = _predict_x0(
-        model_fn, sub, x, i, t, parameterization=parameterization, clip_denoised=clip_denoised
-    )
+        model_fn, sub, x, i, t, parameterization=parameterization, clip_denoised=clip_denoised,
+        variance=variance,
+    )  # fmt: skip
     eps = diffusion.eps_from_x0(sub, x, i_vec, pred_x0)  # ε̂ consistent with the clipped x̂_0.
     ac_prev = sub.alphas_cumprod_prev[i]
     # 1 - ᾱ_prev from the float64-derived sqrt(1 - ᾱ): 1 - ᾱ in float32 loses digits near ᾱ = 1.
@@ -246,12 +250,14 @@ class ReverseChain:
     def _step(self, state: ChainState, j: jax.Array) -> ChainState:
         i = self.num_steps - 1 - j
         t = jnp.asarray(self.timesteps, jnp.int32)[i]
-        kw = dict(parameterization=self.parameterization, clip_denoised=self.clip_denoised)
+        kw = dict(
+            parameterization=self.parameterization,
+            clip_denoised=self.clip_denoised,
+            variance=self.variance,
+        )
         solver = state.solver
         if self.sampler == "ancestral":
-            x, pred_x0 = _ancestral_step(
-                self.model_fn, self.sub, state.x, i, t, self.key, variance=self.variance, **kw
-            )
+            x, pred_x0 = _ancestral_step(self.model_fn, self.sub, state.x, i, t, self.key, **kw)
         elif self.sampler == "ddim":
             x, pred_x0 = _ddim_step(
                 self.model_fn, self.sub, state.x, i, t, self.key, eta=float(self.eta), **kw
@@ -361,7 +367,9 @@ def sample(
       key: PRNG key.
       parameterization: what the model predicts: "x0" (default, DESIGN.md), "eps" or "v".
       variance: ancestral step variance: "fixedlarge" (default; σ_t² = β_t, Ho et al.'s
-        choice for CIFAR-10) or "fixedsmall" (σ_t² = σ_q²). Unused by "ddim".
+        choice for CIFAR-10), "fixedsmall" (σ_t² = σ_q²), or "learned" / "learned_range"
+        (the model outputs 2C channels, the last C setting σ_t²; see
+        `diffusion.learned_log_variance`). The other samplers use only the mean channels.
       clip_denoised: clip x̂_0 to [-1, 1] at every step (default True). The returned samples
         are clipped to [-1, 1] in any case.
       sampler: "ancestral" (default), "ddim", "dpm_solver++" or "unipc" (multistep ODE

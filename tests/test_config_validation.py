@@ -142,6 +142,23 @@ BAD += [
     (_set("sampling.order", 3), "sampling.order", "multistep solvers"),
     (_set("sampling.timestep_spacing", "uniform"), "sampling.timestep_spacing", "'logsnr'"),
     (_leading_too_many, "sampling.num_steps", "distinct timesteps"),
+    (_set("diffusion.vlb_weight", -0.1), "diffusion.vlb_weight", ">= 0"),
+    (_set("diffusion.vlb_weight", 0.001), "diffusion.vlb_weight", "trains a learned variance"),
+    (
+        _set("diffusion.timestep_sampler", "importance"),
+        "diffusion.timestep_sampler",
+        "'loss_aware'",
+    ),
+    (_set("data.source", "folders"), "data.source", "'folder', 'huggingface'"),
+    (_set("data.source", "folder"), "data.path", "needs the directory"),
+    (_set("data.path", "/x"), "data.path", "with source 'tfds'"),
+    (_set("data.path", ""), "data.path", "non-empty string or None"),
+    (_set("data.labels_from_folders", 1), "data.labels_from_folders", "True or False"),
+    (_set("data.labels_from_folders", True), "data.labels_from_folders", "'folder' only"),
+    (_set("data.eval_fraction", 1.0), "data.eval_fraction", "< 1"),
+    (_set("data.eval_fraction", 0.1), "data.eval_fraction", "must be 0 with"),
+    (_set("data.image_key", ""), "data.image_key", "non-empty string"),
+    (_set("data.label_key", 3), "data.label_key", "non-empty string or None"),
 ]
 
 

@@ -334,8 +334,12 @@ def test_discretized_gaussian_likelihood_sums_to_one_over_the_grid():
             r"parameterization 'score'.*\('x0', 'eps', 'v'\)",
         ),
         (
+            lambda x, t: diffusion.p_mean_variance(SCHED, x, x, t, variance="learnt"),
+            r"variance 'learnt'.*fixedsmall",
+        ),
+        (
             lambda x, t: diffusion.p_mean_variance(SCHED, x, x, t, variance="learned"),
-            r"variance 'learned'.*fixedsmall",
+            r"variance='learned' the model must output 2C",
         ),
         (
             lambda x, t: diffusion.training_losses(

@@ -86,6 +86,8 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0
     variance: str = "fixedlarge"
     clip_denoised: bool = True
+    vlb_weight: float = 0.0
+    timestep_sampler: str = "uniform"
 
     def __post_init__(self):
         fields.choice("diffusion.schedule", self.schedule, schedules.SCHEDULES)
@@ -108,6 +110,24 @@ class DiffusionConfig:
         fields.number("diffusion.min_snr_gamma", self.min_snr_gamma, 0.0, low_open=True)
         fields.choice("diffusion.variance", self.variance, diffusion.VARIANCES)
         fields.boolean("diffusion.clip_denoised", self.clip_denoised)
+        fields.number("diffusion.vlb_weight", self.vlb_weight, 0.0, hint=" 0.001: L_hybrid.")
+        if self.vlb_weight and not diffusion.is_learned(self.variance):
+            raise fields.fail(
+                "diffusion.vlb_weight",
+                self.vlb_weight,
+                f"trains a learned variance, but config.diffusion.variance = {self.variance!r}; "
+                "set variance to 'learned_range' (or 'learned'), or vlb_weight to 0.",
+            )
+        if self.vlb_weight and self.weighting == "elbo":
+            raise fields.fail(
+                "diffusion.vlb_weight",
+                self.vlb_weight,
+                "must be 0 with config.diffusion.weighting = 'elbo': with a learned variance "
+                "that weighting already trains mean and variance on the true bound.",
+            )
+        fields.choice(
+            "diffusion.timestep_sampler", self.timestep_sampler, ("uniform", "loss_aware")
+        )
         try:
             self.betas()
         except ValueError as e:
@@ -403,11 +423,23 @@ class ExperimentConfig:
             mesh=_from_group(MeshConfig, "mesh", groups["mesh"]),
         )
         view.sampling.options.check(view.diffusion, model.num_classes)
-        if model.output_channels != data.channels:
+        learned = diffusion.is_learned(view.diffusion.variance)
+        channels = 2 * data.channels if learned else data.channels
+        if model.out_channels not in (None, channels):
+            why = (
+                f"{data.channels} for the {view.diffusion.parameterization} prediction and "
+                f"{data.channels} for the learned variance"
+                if learned
+                else f"the {view.diffusion.parameterization} prediction of each image channel"
+            )
             raise ConfigError(
-                f"config.model.out_channels = {model.out_channels!r} must be None or "
-                f"config.data.channels = {data.channels}: the network predicts "
-                f"{view.diffusion.parameterization} for every channel of the image."
+                f"config.model.out_channels = {model.out_channels!r} must be None or {channels} "
+                f"with config.diffusion.variance = {view.diffusion.variance!r} and "
+                f"config.data.channels = {data.channels}: the network outputs {why}."
+            )
+        if learned and model.out_channels is None:  # the network follows the variance.
+            view = dataclasses.replace(
+                view, model=dataclasses.replace(model, out_channels=channels)
             )
         return view
 

@@ -24,6 +24,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.random_flip = True
     config.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir.
     config.data.num_workers = 0  # Grain worker processes (0: read in the main process).
+    # Where the examples come from: "tfds" (data.name in data.data_dir), "folder" (image
+    # files under data.path), "huggingface" (save_to_disk directory, or hf://NAME from the
+    # datasets cache), "arrayrecord" (what `python -m ddpm_jax.data prepare` wrote).
+    config.data.source = "tfds"
+    config.data.path = ml_collections.config_dict.placeholder(str)  # None for "tfds".
+    config.data.labels_from_folders = False  # folder: labels = sorted first-level sub-folders.
+    # folder / single HF Dataset: fraction held out as split "test" (by a hash of the path).
+    config.data.eval_fraction = 0.0
+    config.data.image_key = "image"  # huggingface: the image column.
+    config.data.label_key = "label"  # huggingface: the label column (None or absent: none).
 
     config.model = ml_collections.ConfigDict()
     config.model.ch = 128
@@ -38,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_classes = 0  # > 0: class-conditional, with a null class for guidance.
     config.model.dtype = "float32"  # computation dtype: "float32" or "bfloat16".
     config.model.remat = False
+    # GroupNorm groups: None: max(1, min(32, C // 2)) for a norm on C channels (Ho et al.'s 32
+    # from C = 64 on); an int: that many in every norm (diffusers' norm_num_groups, for
+    # imported models: python -m ddpm_jax.pretrained).
+    config.model.norm_groups = ml_collections.config_dict.placeholder(int)
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.schedule = "linear"
@@ -49,8 +63,17 @@ def get_config() -> ml_collections.ConfigDict:
     # Ho et al.'s L_simple; also "x0_mse", "v_mse", "snr_trunc", "min_snr".
     config.diffusion.weighting = "eps_mse"
     config.diffusion.min_snr_gamma = 5.0
-    config.diffusion.variance = "fixedlarge"  # reverse-process variance: fixedsmall | fixedlarge.
+    # Reverse-process variance: "fixedlarge" (β_t) | "fixedsmall" (σ_q²), or predicted by the
+    # network: "learned_range" (Nichol & Dhariwal: between the two) | "learned" (log σ²);
+    # a learned variance doubles model.out_channels (None follows it).
+    config.diffusion.variance = "fixedlarge"
     config.diffusion.clip_denoised = True
+    # λ of the bound's term trained next to the weighted MSE of a learned variance (the mean
+    # is stop-gradiented in it): 0.001 is L_hybrid. 0 with a fixed variance or "elbo".
+    config.diffusion.vlb_weight = 0.0
+    # Timesteps of the training loss: "uniform", or "loss_aware" (importance sampling on the
+    # second moment of each t's last 10 losses, reweighted by 1/(T p_t): unbiased).
+    config.diffusion.timestep_sampler = "uniform"
 
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 128  # global batch, over all devices and processes.

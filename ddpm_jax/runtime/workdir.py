@@ -44,7 +44,7 @@ LOCK_FILE = ".lock"
 # Groups a sampling/eval command line may set: how and where to run, not what was trained.
 RUN_GROUPS = ("sampling", "eval", "mesh")
 # Fields of the trained groups that only say where things are on this machine.
-LOCAL_FIELDS = ("data.data_dir", "data.num_workers")
+LOCAL_FIELDS = ("data.data_dir", "data.num_workers", "data.path")
 # What was trained: always taken from the workdir's config.json when sampling or evaluating.
 TRAINED_GROUPS = ("data", "model", "diffusion")
 # Trained fields that a sampler may still change (the reverse-process variance is a sampling
@@ -55,10 +55,12 @@ SAMPLING_DIFFUSION_FIELDS = ("diffusion.variance", "diffusion.clip_denoised")
 # define the network and the data it was trained on, or the data order and the random
 # streams that make a resumed run bit-identical to an uninterrupted one.
 RESUME_REFUSED = (
+    "data.source",
     "data.name",
     "data.split",
     "data.image_size",
     "data.channels",
+    "data.eval_fraction",
     "model.ch",
     "model.ch_mult",
     "model.num_res_blocks",
@@ -68,11 +70,13 @@ RESUME_REFUSED = (
     "model.conv_resample",
     "model.out_channels",
     "model.num_classes",
+    "model.norm_groups",
     "diffusion.schedule",
     "diffusion.num_timesteps",
     "diffusion.beta_start",
     "diffusion.beta_end",
     "diffusion.parameterization",
+    "diffusion.timestep_sampler",
     "training.batch_size",
     "training.seed",
 )
@@ -99,7 +103,7 @@ def resolve_path(path: str | os.PathLike | None) -> str | None:
 
 
 # Config fields that hold paths (a URL or an absolute path after `resolve_config_paths`).
-PATH_FIELDS = ("data.data_dir", "eval.inception_weights", "eval.fid_cache_dir")
+PATH_FIELDS = ("data.data_dir", "data.path", "eval.inception_weights", "eval.fid_cache_dir")
 
 
 def resolve_config_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -18,7 +18,9 @@ saves the current step and returns.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -187,6 +189,7 @@ def _restore(
         ckpt.roll_back_to(resume_step)
     if ckpt.latest_step() is None:
         return shd.init_sharded(setup.init_fn, setup.abstract, key)
+    _refuse_imported(ckpt.directory, ckpt.latest_step() if resume_step is None else resume_step)
     state, extra = ckpt.restore(setup.abstract, resume_step)
     step = int(state.step)
     if int(extra.get("data_step", step)) != step:
@@ -196,6 +199,21 @@ def _restore(
         )
     logging.info("Resumed from step %d of %s.", step, ckpt.directory)
     return state
+
+
+def _refuse_imported(directory: str, step: int) -> None:
+    """Weights imported by `ddpm_jax.pretrained` have no optimizer state to resume from."""
+    path = os.path.join(directory, str(step), checkpointing.EXTRA_ITEM, "metadata")
+    try:  # the checkpoint's JSON extra, as orbax writes it.
+        with open(path) as f:
+            source = json.load(f).get("imported_from")
+    except (OSError, ValueError, AttributeError):
+        return  # not there, or not an import: restoring says what is wrong, if anything.
+    if source:
+        raise WorkdirError(
+            f"{os.path.dirname(directory)} holds weights imported from {source}; fine-tuning "
+            "from imported weights is not supported; train in a new workdir."
+        )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -224,7 +242,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     cfg = ExperimentConfig.from_config(config)
     mesh = shd.make_mesh()
     cfg.check_devices(mesh.devices.size, jax.process_count())
-    info = pipeline.get_dataset_info(cfg.data, num_classes=cfg.model.num_classes)
+    info = pipeline.get_dataset_info(
+        cfg.data, num_classes=cfg.model.num_classes, global_batch_size=cfg.training.batch_size
+    )
     setup = build(cfg, mesh)
     is_main = jax.process_index() == 0
     lock = wd.WorkdirLock(workdir).acquire() if is_main else None

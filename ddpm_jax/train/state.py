@@ -19,6 +19,7 @@ import optax
 from ddpm_jax.experiment import Experiment
 from ddpm_jax.experiment.config import OptimConfig
 from ddpm_jax.runtime import sharding as shd
+from ddpm_jax.train import timestep_sampler
 
 PyTree = Any
 
@@ -38,6 +39,18 @@ class TrainState:
     params: PyTree
     ema_params: PyTree
     opt_state: PyTree
+
+
+@flax.struct.dataclass
+class LossAwareTrainState(TrainState):
+    """A `TrainState` with the loss history of `config.diffusion.timestep_sampler =
+    "loss_aware"` (`train.timestep_sampler`), saved and restored with the rest.
+
+    A separate class rather than an empty field of `TrainState`, so that the checkpoints of
+    uniform runs keep their layout.
+    """
+
+    timestep_sampler: timestep_sampler.ResamplerState
 
 
 def learning_rate_fn(optim: OptimConfig) -> optax.Schedule:
@@ -74,12 +87,16 @@ def init_state(
 ) -> TrainState:
     """The initial `TrainState`: fresh parameters, their copy as the EMA, fresh Adam moments."""
     params = experiment.init_params(key)
-    return TrainState(
+    fields = dict(
         step=jnp.zeros((), jnp.int32),
         params=params,
         ema_params=jax.tree.map(jnp.copy, params),
         opt_state=optimizer.init(params),
     )
+    if experiment.config.diffusion.timestep_sampler == "loss_aware":
+        T = experiment.schedule.num_timesteps
+        return LossAwareTrainState(**fields, timestep_sampler=timestep_sampler.init_state(T))
+    return TrainState(**fields)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -17,6 +17,7 @@ import optax
 from ddpm_jax import diffusion, likelihood
 from ddpm_jax.errors import NonFiniteError
 from ddpm_jax.experiment import Experiment, Stream, stream_key
+from ddpm_jax.train import timestep_sampler
 from ddpm_jax.train.state import TrainState, learning_rate_fn, make_ema_decay_fn
 
 # Strata of the timesteps 1..T-1 in the logged bound estimate (see `make_bpd_estimate_fn`).
@@ -40,13 +41,20 @@ def make_train_step(
     num_classes = experiment.num_classes
     base_key = stream_key(cfg.training.seed, Stream.TRAIN_STEP)
     sched = experiment.schedule
+    loss_aware = d.timestep_sampler == "loss_aware"
 
-    def loss_fn(params, images, labels, key):
+    def loss_fn(params, images, labels, key, history):
+        """The batch's mean loss, and (per-example losses, t) for the loss-aware sampler."""
         dropout_key, loss_key, label_key = jax.random.split(key, 3)
         y = None
         if num_classes > 0:  # drop 10% of labels to the null class for guidance.
             drop = jax.random.bernoulli(label_key, 0.1, labels.shape)
             y = jnp.where(drop, num_classes, labels)
+        t, weights = None, 1.0
+        if loss_aware:  # importance-sampled t, reweighted by 1/(T p_t): still unbiased.
+            t, weights = timestep_sampler.draw(
+                history, jax.random.fold_in(loss_key, 1), images.shape[0]
+            )
         model_fn = experiment.model_fn(params, y, train=True, rngs={"dropout": dropout_key})
         losses = diffusion.training_losses(
             model_fn,
@@ -56,16 +64,20 @@ def make_train_step(
             parameterization=d.parameterization,
             weighting=d.weighting,
             min_snr_gamma=d.min_snr_gamma,
+            variance=d.variance,
+            vlb_weight=d.vlb_weight,
+            t=t,
         )
-        return jnp.mean(losses.loss)
+        return jnp.mean(weights * losses.loss), (losses.loss, losses.t)
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         key = jax.random.fold_in(base_key, state.step)
         images, labels = batch["image"], batch["label"]
+        history = state.timestep_sampler if loss_aware else None
         if accum == 1:
-            loss, grads = grad_fn(state.params, images, labels, key)
+            (loss, (per_example, ts)), grads = grad_fn(state.params, images, labels, key, history)
         else:
             # Micro-batch j takes rows j, j+k, j+2k, …: a reshape that keeps each device's
             # rows on that device under batch sharding.
@@ -74,13 +86,16 @@ def make_train_step(
 
             def accumulate(carry, xs):
                 j, imgs, labs = xs
-                loss_j, grads_j = grad_fn(state.params, imgs, labs, jax.random.fold_in(key, j))
-                return jax.tree.map(jnp.add, carry, (loss_j, grads_j)), None
+                (loss_j, aux_j), grads_j = grad_fn(
+                    state.params, imgs, labs, jax.random.fold_in(key, j), history
+                )
+                return jax.tree.map(jnp.add, carry, (loss_j, grads_j)), aux_j
 
             zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, grads), _ = jax.lax.scan(
+            (loss, grads), (per_example, ts) = jax.lax.scan(
                 accumulate, zeros, (jnp.arange(accum), split(images), split(labels))
             )
+            per_example, ts = per_example.reshape(-1), ts.reshape(-1)
             loss, grads = jax.tree.map(lambda g: g / accum, (loss, grads))
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -89,9 +104,13 @@ def make_train_step(
         ema_params = jax.tree.map(
             lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
         )
-        new_state = TrainState(
+        new_state = state.replace(
             step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
         )
+        if loss_aware:
+            new_state = new_state.replace(
+                timestep_sampler=timestep_sampler.update(history, ts, per_example)
+            )
         step_metrics = {
             "loss": loss,
             "grad_norm": grad_norm,

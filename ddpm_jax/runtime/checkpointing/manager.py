@@ -31,6 +31,10 @@ from ddpm_jax.runtime.workdir import checkpoint_dir
 
 PyTree = Any
 
+# Orbax's message for a restore target whose tree differs from the saved one (nodes, not just
+# leaves: e.g. an empty subtree), which must not be taken for a damaged checkpoint.
+STRUCTURE_MISMATCH = "tree structures do not match"
+
 
 class Checkpointer:
     """An orbax `CheckpointManager` over `<workdir>/checkpoints` with this project's policy.
@@ -233,6 +237,14 @@ class Checkpointer:
                 try:
                     out = self._restore_step(s, target)
                     return out[STATE_ITEM], dict(out[EXTRA_ITEM] or {})
+                except ValueError as e:
+                    if STRUCTURE_MISMATCH in str(e):  # a state of another layout: not damage.
+                        raise WorkdirError(
+                            f"The checkpoint at step {s} in {self.directory} holds a state of "
+                            f"another layout than this config builds ({first_line(e)}); use the "
+                            "config it was trained with, or another --workdir."
+                        ) from e
+                    reason = first_line(e)
                 except Exception as e:
                     reason = first_line(e)
             if step is not None:
