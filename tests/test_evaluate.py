@@ -198,3 +198,25 @@ def test_fid_end_to_end_with_random_inception_weights(run, tmp_path):
         json.load(open(os.path.join(workdir, "eval", f"bpd_step{STEP}.json")))["fid"]
         == (result["fid"])
     )
+
+
+def test_reference_key_separates_user_sources_sharing_a_name(tmp_path):
+    """A folder run that keeps the default name "cifar10" must not read real CIFAR-10's
+    cached statistics, nor another folder's, nor its own from before files were added."""
+    from ddpm_jax.data.config import DataConfig
+
+    def data(**kw):
+        config = tiny.get_config()
+        for k, v in kw.items():
+            config.data[k] = v
+        return DataConfig.from_config(config)
+
+    tfds_key = fid_score.reference_key(data(name="cifar10"), 50_000)
+    assert tfds_key == "cifar10"
+    a = fid_score.reference_key(data(name="cifar10", source="folder", path=str(tmp_path / "a")), 9)
+    b = fid_score.reference_key(data(name="cifar10", source="folder", path=str(tmp_path / "b")), 9)
+    grown = fid_score.reference_key(
+        data(name="cifar10", source="folder", path=str(tmp_path / "a")), 10
+    )
+    assert len({tfds_key, a, b, grown}) == 4
+    assert a.startswith("cifar10-folder-")

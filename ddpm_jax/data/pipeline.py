@@ -25,9 +25,9 @@ from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
 
 from ddpm_jax.data.config import DataConfig, DatasetInfo
+from ddpm_jax.data.images import center_crop_resize as _center_crop_resize
 from ddpm_jax.data.sources import data_and_classes, get_dataset_info, open_split
 
 __all__ = [
@@ -67,17 +67,6 @@ class _ToModelInput:
             "image": image.astype(np.float32) / 127.5 - 1.0,
             "label": np.int32(example.get("label", 0)),
         }
-
-
-def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, C] → uint8 [size, size, C]: central square, antialiased bicubic resize."""
-    h, w, c = image.shape
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    square = image[top : top + s, left : left + s]
-    pil = Image.fromarray(square[:, :, 0] if c == 1 else square)
-    out = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None))
-    return out.reshape(size, size, c)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +288,7 @@ def make_train_data(
     """
     data, num_classes = data_and_classes(config, num_classes)
     local = _check_sharding(global_batch_size, process_index, process_count)
-    source, info = open_split(data, num_classes=num_classes)
+    source, info = open_split(data, num_classes=num_classes, global_batch_size=global_batch_size)
     dataset = train_batches(
         source,
         image_size=data.image_size,

@@ -1,9 +1,19 @@
-"""`config.data` → a checked, random-access TFDS data source (ArrayRecord, no TensorFlow).
+"""`config.data` → a checked, random-access data source of one split.
 
-The name "digits" selects the embedded offline dataset (`ddpm_jax.data.digits`), built
-into the TFDS data_dir on first use; any other name is a TFDS catalog dataset that must
-already be prepared there in ArrayRecord format: it is never downloaded here, and a missing
-one fails at once with the command that prepares it.
+`open_split` dispatches on `config.data.source`:
+
+- "tfds" (the default): the name "digits" selects the embedded offline dataset
+  (`ddpm_jax.data.digits`), built into the TFDS data_dir on first use; any other name is a
+  TFDS catalog dataset that must already be prepared there in ArrayRecord format (no
+  TensorFlow): it is never downloaded here, and a missing one fails at once with the
+  command that prepares it.
+- "folder" (`ddpm_jax.data.folder`): the image files under `config.data.path`.
+- "huggingface" (`ddpm_jax.data.huggingface`): a saved or cached `datasets` dataset.
+- "arrayrecord" (`ddpm_jax.data.arrayrecord`): what `python -m ddpm_jax.data prepare` wrote.
+
+Every source gives the same thing, index → {"image": uint8 [S, S, C], "label": int}, and
+goes through the same checks; the Grain pipeline (`ddpm_jax.data.pipeline`) cannot tell
+them apart.
 """
 
 from __future__ import annotations
@@ -14,35 +24,51 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ddpm_jax.data import digits
-from ddpm_jax.data.config import DataConfig, DatasetInfo
+from ddpm_jax.data import arrayrecord, digits, folder, huggingface
+from ddpm_jax.data.config import DataConfig, DatasetInfo, OpenedSplit
 from ddpm_jax.errors import DataError, DataNotFoundError
 
 # Embedded name → prepare(data_dir, image_size) → a prepared TFDS builder.
 EMBEDDED = {digits.NAME: digits.prepare}
+# config.data.source → open(data, split, field) → OpenedSplit, for the sources besides TFDS.
+OPENERS = {
+    "folder": folder.open_folder,
+    "huggingface": huggingface.open_huggingface,
+    "arrayrecord": arrayrecord.open_arrayrecord,
+}
 
 
 def get_dataset_info(
-    config: Any, split: str | None = None, *, num_classes: int | None = None
+    config: Any,
+    split: str | None = None,
+    *,
+    num_classes: int | None = None,
+    global_batch_size: int | None = None,
 ) -> DatasetInfo:
     """Opens a split, checks `config` against the data and describes it.
 
     Builds the embedded "digits" dataset on first use (about a second); never downloads.
+    A folder is listed and every file's header read (see `ddpm_jax.data.folder`).
 
     Args:
       config: a `DataConfig`, or an experiment config (its `data` group).
       split: the split to describe; defaults to `config.data.split`.
       num_classes: classes the model is conditioned on (0: unconditional), checked against
         the labels; None: `config.model.num_classes` of an experiment config, else 0.
+      global_batch_size: the training batch over all processes: a split of the folder,
+        Hugging Face or ArrayRecord sources with fewer examples is refused. None: no check.
 
     Raises:
       ValueError: naming the config field and its fix, for an unknown dataset or split, an
-        image size / channel count that does not match the data, or a `config.model.
-        num_classes` that does not match the labels.
+        image size / channel count that does not match the data, a `config.model.
+        num_classes` that does not match the labels, an empty split, unreadable image
+        files, a dataset without `config.data.image_key`, or fewer examples than a batch.
       FileNotFoundError: a catalog dataset not prepared in data_dir (within a second,
-        with the command that prepares it).
+        with the command that prepares it), a `config.data.path` that does not exist.
     """
-    _, info = open_split(config, split, num_classes=num_classes)
+    _, info = open_split(
+        config, split, num_classes=num_classes, global_batch_size=global_batch_size
+    )
     return info
 
 
@@ -54,7 +80,11 @@ def data_and_classes(config: Any, num_classes: int | None) -> tuple[DataConfig, 
 
 
 def open_split(
-    config: Any, split: str | None = None, *, num_classes: int | None = None
+    config: Any,
+    split: str | None = None,
+    *,
+    num_classes: int | None = None,
+    global_batch_size: int | None = None,
 ) -> tuple[Sequence[Mapping], DatasetInfo]:
     """Returns the random-access data source of a split and its checked `DatasetInfo`.
 
@@ -68,6 +98,9 @@ def open_split(
         split = data.split
     elif split == data.eval_split:
         field = "config.data.eval_split"
+    if data.source != "tfds":
+        opened = OPENERS[data.source](data, split, field)
+        return opened.source, _check_opened(data, split, field, opened, wanted, global_batch_size)
     source = _data_source(data, split, field)
     info = _check_features(data, split, source.dataset_info.features, len(source))
     if wanted and wanted != info.num_classes:
@@ -77,6 +110,42 @@ def open_split(
             f"{info.num_classes} (or 0 for an unconditional model)."
         )
     return source, info
+
+
+def _check_opened(
+    data: DataConfig,
+    split: str,
+    field: str,
+    opened: OpenedSplit,
+    wanted: int,
+    global_batch_size: int | None,
+) -> DatasetInfo:
+    """The `DatasetInfo` of a split of the non-TFDS sources, after the common checks."""
+    n = len(opened.source)
+    if n == 0:
+        hint = (
+            "; set config.data.eval_fraction > 0 to hold out part of the files as 'test'"
+            if split == "test" and not data.eval_fraction and data.source != "arrayrecord"
+            else ""
+        )
+        raise DataError(f"{field}={split!r} of {opened.name} is empty{hint}.")
+    if wanted and wanted != opened.num_classes:
+        fix = (
+            f"set config.model.num_classes={opened.num_classes} (or 0 for an unconditional model)"
+            if opened.num_classes
+            else "set config.model.num_classes=0 for an unconditional model"
+        )
+        raise DataError(
+            f"config.model.num_classes={wanted} but {opened.name} has {opened.num_classes} "
+            f"label classes{opened.label_note}; {fix}."
+        )
+    if global_batch_size is not None and n < global_batch_size:
+        raise DataError(
+            f"{field}={split!r} of {opened.name} has {n} images, fewer than one global batch "
+            f"(config.training.batch_size={global_batch_size}); add images or lower the batch "
+            "size."
+        )
+    return DatasetInfo(opened.name, split, n, data.image_size, data.channels, opened.num_classes)
 
 
 def _data_source(data: DataConfig, split: str, field: str) -> Sequence[Mapping]:

@@ -7,6 +7,7 @@ images), quantised to uint8 before the network as saved images would be.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ import numpy as np
 
 from ddpm_jax import fid
 from ddpm_jax.data import pipeline, sources
+from ddpm_jax.data.config import DataConfig
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.experiment import ExperimentConfig
 from ddpm_jax.inference.sampler import Sampler, raw_key
@@ -46,6 +48,23 @@ def _update(stats: fid.FeatureStats | None, features: np.ndarray) -> fid.Feature
     return fid.update_feature_stats(stats, features)
 
 
+def reference_key(data_cfg: DataConfig, num_examples: int) -> str:
+    """The dataset part of a reference-statistics cache name.
+
+    A TFDS dataset is its catalog name. Any other source is named by the user, so two
+    folders may share a name (or keep the default "cifar10"): their key adds the source
+    and a digest of the path, the held-out fraction and the split's size, so that
+    statistics of one are never read for another, and a folder that gained or lost
+    files is measured again.
+    """
+    if data_cfg.source == "tfds":
+        return data_cfg.name
+    ident = "\0".join(
+        [data_cfg.source, str(data_cfg.path), repr(data_cfg.eval_fraction), str(num_examples)]
+    )
+    return f"{data_cfg.name}-{data_cfg.source}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
 def reference_statistics(
     config: ExperimentConfig,
     features_fn: Callable,
@@ -66,7 +85,7 @@ def reference_statistics(
     n = info.num_examples if wanted <= 0 else min(wanted, info.num_examples)
     path = fid.reference_stats_path(
         cache_dir,
-        data_cfg.name,
+        reference_key(data_cfg, info.num_examples),
         data_cfg.split,
         data_cfg.image_size,
         fingerprint,
