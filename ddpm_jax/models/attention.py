@@ -18,10 +18,12 @@ class AttnBlock(nn.Module):
     Attributes:
       num_heads: heads; each has C / num_heads channels (1 = Ho et al.).
       dtype: computation dtype.
+      norm_groups: groups of the GroupNorm; None: `num_groups(C)`.
     """
 
     num_heads: int = 1
     dtype: Any = jnp.float32
+    norm_groups: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -32,7 +34,7 @@ class AttnBlock(nn.Module):
                 f"AttnBlock: {c} channels not divisible by num_heads={self.num_heads}."
             )
         d = c // self.num_heads
-        h = GroupNorm(dtype=self.dtype, name="norm")(x)
+        h = GroupNorm(dtype=self.dtype, groups=self.norm_groups, name="norm")(x)
         q, k, v = (
             dense(c, dtype=self.dtype, name=n)(h).reshape(b, hgt * wid, self.num_heads, d)
             for n in ("q", "k", "v")

@@ -50,6 +50,8 @@ class ModelConfig:
         last (id K) being the null class used for classifier-free guidance.
       dtype: computation dtype name, "float32" or "bfloat16" (parameters stay float32).
       remat: rematerialise each ResNet / attention block in the backward pass.
+      norm_groups: None: each GroupNorm on C channels has `num_groups(C)` groups; an int:
+        every GroupNorm has that many (as diffusers' `norm_num_groups`, for imported models).
     """
 
     image_size: int = 32
@@ -66,6 +68,7 @@ class ModelConfig:
     num_classes: int = 0
     dtype: str = "float32"
     remat: bool = False
+    norm_groups: int | None = None
 
     def __post_init__(self):
         # Normalise sequences to tuples so the config stays hashable (a static jit argument).
@@ -158,6 +161,7 @@ class ModelConfig:
         fields.boolean("model.resblock_updown", self.resblock_updown)
         fields.boolean("model.conv_resample", self.conv_resample)
         fields.boolean("model.remat", self.remat)
+        fields.integer("model.norm_groups", self.norm_groups, 1, none_ok=True)
         factor = 2 ** (len(self.ch_mult) - 1)
         if self.image_size % factor:
             raise ConfigError(
@@ -172,7 +176,14 @@ class ModelConfig:
                 f"never occur: the U-Net's resolutions are {self.resolutions}."
             )
         for c, where in self.norm_widths():
-            if c % num_groups(c):
+            if self.norm_groups is not None:
+                if c % self.norm_groups:
+                    raise ConfigError(
+                        f"config.model.norm_groups = {self.norm_groups} does not divide the {c} "
+                        f"channels at {where} (ch = {self.ch}, ch_mult = {self.ch_mult}): use "
+                        "a divisor of every width, or None for min(32, channels // 2) groups."
+                    )
+            elif c % num_groups(c):
                 raise ConfigError(
                     f"config.model.ch = {self.ch} with ch_mult = {self.ch_mult} gives {c} "
                     f"channels at {where}, not divisible by its {num_groups(c)} GroupNorm "

@@ -83,13 +83,23 @@ class UNet(nn.Module):
         attn_block = nn.remat(AttnBlock) if cfg.remat else AttnBlock
 
         def resnet(h: jax.Array, out_ch: int, name: str, resample: str | None = None) -> jax.Array:
-            block = res_block(out_ch, cfg.dropout, resample=resample, dtype=dtype, name=name)
+            block = res_block(
+                out_ch,
+                cfg.dropout,
+                resample=resample,
+                dtype=dtype,
+                norm_groups=cfg.norm_groups,
+                name=name,
+            )
             return block(h, temb, train)
 
         def maybe_attn(h: jax.Array, name: str) -> jax.Array:
             if h.shape[1] not in cfg.attn_resolutions:
                 return h
-            return attn_block(num_heads=cfg.num_heads, dtype=dtype, name=name)(h)
+            attn = attn_block(
+                num_heads=cfg.num_heads, dtype=dtype, norm_groups=cfg.norm_groups, name=name
+            )
+            return attn(h)
 
         last = len(cfg.ch_mult) - 1
         h = conv3x3(cfg.ch, dtype=dtype, name="conv_in")(x.astype(dtype))
@@ -110,7 +120,9 @@ class UNet(nn.Module):
                 hs.append(h)
 
         h = resnet(h, h.shape[-1], "mid_block_0")
-        h = attn_block(num_heads=cfg.num_heads, dtype=dtype, name="mid_attn")(h)
+        h = attn_block(
+            num_heads=cfg.num_heads, dtype=dtype, norm_groups=cfg.norm_groups, name="mid_attn"
+        )(h)
         h = resnet(h, h.shape[-1], "mid_block_1")
 
         for level in reversed(range(len(cfg.ch_mult))):
@@ -125,7 +137,7 @@ class UNet(nn.Module):
                     h = Upsample(cfg.conv_resample, dtype=dtype, name=f"up_{level}_upsample")(h)
         assert not hs, "every skip connection is consumed"
 
-        h = nn.silu(GroupNorm(dtype=dtype, name="norm_out")(h))
+        h = nn.silu(GroupNorm(dtype=dtype, groups=cfg.norm_groups, name="norm_out")(h))
         h = conv3x3(cfg.output_channels, dtype=dtype, scale=0.0, name="conv_out")(h)
         return h.astype(jnp.float32)
 

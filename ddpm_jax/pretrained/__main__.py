@@ -1,0 +1,69 @@
+r"""Imports Ho et al.'s released DDPMs (diffusers format) into a ddpm_jax workdir.
+
+    python -m ddpm_jax.pretrained --source=google/ddpm-cifar10-32 --workdir=workdirs/cifar10_ho
+    python -m ddpm_jax.pretrained --source=google/ddpm-church-256@<commit> --workdir=W
+    python -m ddpm_jax.pretrained --source=DIR --workdir=W [--data_name=cifar10]
+    python -m ddpm_jax.pretrained convert-bin DIR      # a pickled .bin -> safetensors (torch)
+
+--source is a local directory (config.json, diffusion_pytorch_model.safetensors and
+scheduler_config.json at the root, or unet/ + scheduler/) or a hub id with an optional
+@revision (a branch is pinned to its commit; each file is checked against the hub's
+checksum). --data_name names the dataset the model was trained on (a TFDS name, or
+"digits") where the source's name does not say it. Then:
+
+    python -m ddpm_jax.main --workdir=workdirs/cifar10_ho --mode=sample
+    python -m ddpm_jax.main --workdir=workdirs/cifar10_ho --mode=eval
+
+A source or config that cannot be imported is reported as one line, `error: ...`, with exit
+status 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from ddpm_jax import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("source", None, "Local diffusers repository directory, or a hub id[@rev].")
+flags.DEFINE_string("workdir", None, "The new workdir to write (config.json + a checkpoint).")
+flags.DEFINE_string(
+    "data_name", None, "config.data.name of the model's dataset (default: from its name)."
+)
+
+
+def main(argv: list[str]) -> None:
+    from ddpm_jax.runtime import workdir as wd
+
+    args = argv[1:]
+    if args[:1] == ["convert-bin"]:
+        if len(args) != 2:
+            cli.fail("usage: python -m ddpm_jax.pretrained convert-bin DIR")
+        from ddpm_jax.pretrained import repo
+
+        for path in repo.convert_bin(wd.resolve_path(args[1])):
+            print(f"wrote {path}")
+        return
+    if args:
+        cli.fail(
+            f"unexpected arguments {args}; usage: --source=SOURCE --workdir=W, or convert-bin DIR."
+        )
+    if not FLAGS.source or not FLAGS.workdir:
+        cli.fail("--source and --workdir are required, e.g. --source=google/ddpm-cifar10-32 "
+                 "--workdir=workdirs/cifar10_ho.")  # fmt: skip
+    cli.prepare_jax()
+    from ddpm_jax.pretrained import importer
+
+    result = importer.import_diffusers(FLAGS.source, FLAGS.workdir, data_name=FLAGS.data_name)
+    print(f"wrote {result.workdir} (step {result.step}, {result.num_params} parameters)")
+
+
+def run() -> None:
+    """Console entry point (also `python -m ddpm_jax.pretrained`)."""
+    cli.run(main, argv=sys.argv)
+
+
+if __name__ == "__main__":
+    run()
