@@ -37,6 +37,8 @@ flags.DEFINE_integer("steps", 3, "Timed steps per repeat (train and forward).")
 flags.DEFINE_integer("repeats", 3, "Timed repeats; figures are medians over repeats.")
 flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
 flags.DEFINE_integer("sample_steps", 10, "Length of the timed (respaced) sampling chain.")
+flags.DEFINE_string("sampler", "ancestral", "Sampler of the timed chain (sampling.SAMPLERS).")
+flags.DEFINE_string("sample_spacing", "endpoints", "Its timestep spacing (timesteps.SPACINGS).")
 flags.DEFINE_list(
     "compile_sample_steps", [], "Chain lengths whose sampler is compiled, not run "
     "(default: --sample_steps and T)."
@@ -65,6 +67,8 @@ def main(argv):
         repeats=FLAGS.repeats,
         warmup=FLAGS.warmup,
         sample_steps=FLAGS.sample_steps,
+        sampler=FLAGS.sampler,
+        sample_spacing=FLAGS.sample_spacing,
         compile_sample_steps=tuple(int(k) for k in FLAGS.compile_sample_steps),
         peak_tflops=FLAGS.peak_tflops,
         parts=tuple(FLAGS.parts),

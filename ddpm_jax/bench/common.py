@@ -27,8 +27,9 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 
 # Parts that time the config's U-Net (and can be compared with the torch reference).
 MODEL_PARTS = ("train", "forward", "sampling")
-# sampler_accuracy: samplers against exact oracles (bench/sampler_accuracy.py).
-PARTS = (*MODEL_PARTS, "sampler_accuracy")
+# sampler_accuracy: samplers against exact oracles (bench/sampler_accuracy.py); input: the
+# input pipeline's images/s of every data source (bench/input_bench.py).
+PARTS = (*MODEL_PARTS, "sampler_accuracy", "input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +41,15 @@ class BenchSettings:
       steps: timed steps per repeat (train and forward); a repeat of sampling is one chain.
       repeats: timed repeats; figures are the median over repeats of the per-step time.
       warmup: untimed steps after compilation (and before timing) of every part.
-      sample_steps: K, length of the timed (respaced, ancestral) sampling chain.
+      sample_steps: K, length of the timed sampling chain.
+      sampler: the timed chain's sampler, one of `sampling.SAMPLERS` (default: ancestral,
+        respaced when K < T); the multistep solvers run at order 2.
+      sample_spacing: which K timesteps it visits, one of `timesteps.SPACINGS`.
       compile_sample_steps: chain lengths whose sampler is compiled (not run) to show that
         compile time does not grow with the number of steps; () means (sample_steps, T).
       peak_tflops: peak TFLOP/s per device for MFU; None: look the device kind up in
         `PEAK_TFLOPS` (MFU is reported as None when neither gives a peak).
-      parts: which of `PARTS` to measure.
+      parts: which of `PARTS` to measure (default: all but "input").
       seed: seed of the random inputs and parameters.
     """
 
@@ -54,9 +58,11 @@ class BenchSettings:
     repeats: int = 3
     warmup: int = 1
     sample_steps: int = 10
+    sampler: str = "ancestral"
+    sample_spacing: str = "endpoints"
     compile_sample_steps: tuple[int, ...] = ()
     peak_tflops: float | None = None
-    parts: tuple[str, ...] = PARTS
+    parts: tuple[str, ...] = PARTS[:-1]  # "input" (minutes of data generation) only by name.
     seed: int = 0
 
     def __post_init__(self):
@@ -77,6 +83,17 @@ class BenchSettings:
         if unknown or not self.parts:
             raise ValueError(f"BenchSettings.parts must be a non-empty subset of {PARTS}, got "
                              f"{self.parts!r}.")  # fmt: skip
+        from ddpm_jax import sampling, timesteps  # the maths only: no model, no data.
+
+        if self.sampler not in sampling.SAMPLERS:
+            raise ValueError(
+                f"BenchSettings.sampler must be one of {sampling.SAMPLERS}, got {self.sampler!r}."
+            )
+        if self.sample_spacing not in timesteps.SPACINGS:
+            raise ValueError(
+                f"BenchSettings.sample_spacing must be one of {timesteps.SPACINGS}, got "
+                f"{self.sample_spacing!r}."
+            )
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"BenchSettings.peak_tflops must be > 0, got {self.peak_tflops!r}.")
 
@@ -140,7 +157,12 @@ def flop_rates(
 
 
 def sampling_figures(
-    timing: dict[str, Any], chain_steps: int, num_timesteps: int, batch_size: int, forward: Any
+    timing: dict[str, Any],
+    chain_steps: int,
+    num_timesteps: int,
+    batch_size: int,
+    forward: Any,
+    sampler: str = "ancestral",
 ) -> dict[str, Any]:
     """Per-step sampling figures from the timing of a `chain_steps`-step chain.
 
@@ -150,10 +172,13 @@ def sampling_figures(
       num_timesteps: T, the length of the full chain the projection is for.
       batch_size: images per chain.
       forward: the forward-pass result (with `step_s`), or None if it was not measured.
+      sampler: the timed chain's sampler.
     """
     per_step = timing["median_s"] / chain_steps
+    if sampler == "ancestral" and chain_steps < num_timesteps:
+        sampler = "ancestral (respaced)"
     return {
-        "sampler": "ancestral (respaced)" if chain_steps < num_timesteps else "ancestral",
+        "sampler": sampler,
         "chain_steps": chain_steps,
         "chain_s": timing,
         "per_step_s": per_step,

@@ -215,11 +215,15 @@ def measure(
 
 
 class _TimedChain:
-    """The ancestral chain of `load_sampler` and the training grids (`ChainProgram`)."""
+    """The chain of `load_sampler` and the training grids (`ChainProgram`)."""
 
-    def __init__(self, experiment, mesh, batch: int, num_steps: int, params, key):
+    def __init__(self, experiment, mesh, batch: int, num_steps: int, params, key, settings):
         T = experiment.schedule.num_timesteps
-        options = SamplingOptions("ancestral", 0 if num_steps == T else int(num_steps))
+        options = SamplingOptions(
+            settings.sampler,
+            0 if num_steps == T else int(num_steps),
+            timestep_spacing=settings.sample_spacing,
+        )
         self.program = ChainProgram(experiment, mesh, batch, options)
         self.args = (params, raw_key(key, 0), 0, np.full((batch,), -1, np.int32))
 
@@ -232,7 +236,7 @@ def _measure_sampling(experiment, mesh, settings, state, key, result) -> dict[st
     if K > T:
         raise ValueError(f"sample_steps = {K} exceeds the schedule's T = {T}; lower it.")
     sample_key = np.asarray(jax.random.fold_in(key, 4))
-    chain = _TimedChain(experiment, mesh, B, K, state.ema_params, sample_key)
+    chain = _TimedChain(experiment, mesh, B, K, state.ema_params, sample_key, settings)
     times = _compile_only(chain)
     _warm(chain, 1)
     timing = time_steps(chain, _sync, steps=1, repeats=settings.repeats)
@@ -244,9 +248,9 @@ def _measure_sampling(experiment, mesh, settings, state, key, result) -> dict[st
         if length == K:
             compile_by_length[str(length)] = times
         else:
-            other = _TimedChain(experiment, mesh, B, length, state.ema_params, sample_key)
+            other = _TimedChain(experiment, mesh, B, length, state.ema_params, sample_key, settings)
             compile_by_length[str(length)] = _compile_only(other)
-    figures = sampling_figures(timing, K, T, B, result.get("forward"))
+    figures = sampling_figures(timing, K, T, B, result.get("forward"), settings.sampler)
     figures["compile_by_chain_steps"] = compile_by_length
     return figures
 

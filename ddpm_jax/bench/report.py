@@ -91,6 +91,10 @@ def run(
         results["sampler_accuracy"] = sampler_accuracy.measure(
             config, settings.batch_size, settings.repeats
         )
+    if "input" in settings.parts:
+        from ddpm_jax.bench import input_bench
+
+        results["input"] = input_bench.measure(settings)
     if reference == "torch" and model_parts:
         from ddpm_jax.bench import torch_ref
 
@@ -164,6 +168,10 @@ def format_table(results: dict[str, Any]) -> str:
         from ddpm_jax.bench import sampler_accuracy
 
         parts.append(sampler_accuracy.format_table(results["sampler_accuracy"]))
+    if "input" in results:
+        from ddpm_jax.bench import input_bench
+
+        parts.append(input_bench.format_table(results["input"]))
     return "\n".join(parts)
 
 

@@ -62,9 +62,10 @@ def diffusers_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
         layers_per_block=m.num_res_blocks,
         down_block_types=down,
         up_block_types=up,
-        # ddpm_jax's group count for the base width (32 for ch >= 64); diffusers uses one
-        # count for every layer, ddpm_jax min(32, C // 2), which differ only below 64 channels.
-        norm_num_groups=num_groups(m.ch),
+        # diffusers uses one group count for every layer: model.norm_groups when set, else
+        # ddpm_jax's count for the base width (32 for ch >= 64), which matches
+        # min(32, C // 2) at every layer when ch >= 64.
+        norm_num_groups=num_groups(m.ch) if m.norm_groups is None else m.norm_groups,
         norm_eps=1e-6,
         dropout=m.dropout,
         attention_head_dim=None,  # one head of all channels, as Ho et al.
@@ -192,7 +193,8 @@ def measure(
             **flop_rates(per_image.get("forward"), r["images_per_s"], peak_tflops, 1),
         }
 
-    if "sampling" in settings.parts:
+    # The reference times the ancestral chain only; another sampler has no torch figure.
+    if "sampling" in settings.parts and settings.sampler == "ancestral":
         result["sampling"] = _sampling(
             torch, net, config, settings, dev, autocast, sync, gen, labels, result
         )
@@ -216,7 +218,11 @@ def _sampling(torch, net, config, settings, dev, autocast, sync, gen, labels, re
         raise ValueError("The torch reference samples x0-parameterised models only.")
     sched = ExperimentConfig.from_config(config).diffusion.make_schedule()
     T, K, B = sched.num_timesteps, settings.sample_steps, settings.batch_size
-    ts = timesteps.spaced_timesteps(T, K) if K < T else np.arange(T)
+    ts = (
+        timesteps.spaced_timesteps(T, K, settings.sample_spacing, np.asarray(sched.alphas_cumprod))
+        if K < T
+        else np.arange(T)
+    )
     sub = timesteps.respaced_schedule(sched, ts)
     coef1 = np.asarray(sub.posterior_mean_coef1, np.float64)
     coef2 = np.asarray(sub.posterior_mean_coef2, np.float64)

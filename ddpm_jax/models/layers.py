@@ -47,33 +47,42 @@ def dense(features: int, *, dtype: Any, scale: float = 1.0, name: str) -> nn.Den
 
 
 class GroupNorm(nn.Module):
-    """Group normalization over NHWC activations, `num_groups(C)` groups, computed in float32.
+    """Group normalization over NHWC activations, `groups` or `num_groups(C)` groups, in float32.
 
-    Statistics come from one pass (E[x] and E[x²] in float32, as flax's fast variance),
-    and the result is a single per-(batch, channel) affine map x * a + b, which XLA fuses
-    with the surrounding elementwise ops.
+    Statistics come from one pass over d = x - s, where s is the group's first element
+    (held constant for the gradient): mean = s + E[d] and var = E[d²] - E[d]². The shift
+    keeps the one-pass variance accurate when |mean| >> std, where plain E[x²] - E[x]²
+    cancels catastrophically (activations far from zero in float32 or bfloat16), at the
+    speed of one pass. The result is a single per-(batch, channel) affine map x * a + b,
+    which XLA fuses with the surrounding elementwise ops.
 
     Attributes:
       dtype: dtype of the output.
       epsilon: added to the variance (1e-6, TensorFlow's group_norm default used by Ho et al.).
+      groups: number of groups; None: `num_groups(C)` (`ModelConfig.norm_groups`).
     """
 
     dtype: Any = jnp.float32
     epsilon: float = 1e-6
+    groups: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalises x [B, ..., C]; returns the same shape in `dtype`."""
         c = x.shape[-1]
-        g = num_groups(c)
+        g = num_groups(c) if self.groups is None else self.groups
         if c % g:
             raise ValueError(f"GroupNorm: {c} channels are not divisible by {g} groups.")
         scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
         xf = x.astype(jnp.float32)
         xg = xf.reshape(x.shape[0], -1, g, c // g)
-        mean = jnp.mean(xg, axis=(1, 3))  # [B, G]
-        var = jnp.maximum(jnp.mean(jnp.square(xg), axis=(1, 3)) - jnp.square(mean), 0.0)
+        # Shift by a sample of each group; any constant gives the same exact statistics.
+        shift = jax.lax.stop_gradient(xg[:, :1, :, :1])  # [B, 1, G, 1]
+        d = xg - shift
+        m1 = jnp.mean(d, axis=(1, 3))  # [B, G]
+        var = jnp.maximum(jnp.mean(jnp.square(d), axis=(1, 3)) - jnp.square(m1), 0.0)
+        mean = m1 + shift[:, 0, :, 0]
         inv = jax.lax.rsqrt(var + self.epsilon)
         a = scale * jnp.repeat(inv, c // g, axis=-1)  # [B, C]
         b = bias - jnp.repeat(mean, c // g, axis=-1) * a
@@ -136,12 +145,14 @@ class ResnetBlock(nn.Module):
       dropout: dropout rate before the second convolution.
       resample: None, "up" (nearest 2×) or "down" (2×2 average pooling).
       dtype: computation dtype.
+      norm_groups: groups of both GroupNorms; None: `num_groups(C)`.
     """
 
     out_ch: int
     dropout: float = 0.0
     resample: str | None = None
     dtype: Any = jnp.float32
+    norm_groups: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False) -> jax.Array:
@@ -149,7 +160,7 @@ class ResnetBlock(nn.Module):
 
         `train` enables dropout (then an rng stream named 'dropout' is needed).
         """
-        h = nn.silu(GroupNorm(dtype=self.dtype, name="norm0")(x))
+        h = nn.silu(GroupNorm(dtype=self.dtype, groups=self.norm_groups, name="norm0")(x))
         if self.resample == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.resample == "down":
@@ -160,7 +171,7 @@ class ResnetBlock(nn.Module):
             )
         h = conv3x3(self.out_ch, dtype=self.dtype, name="conv0")(h)
         h = h + dense(self.out_ch, dtype=self.dtype, name="temb_proj")(nn.silu(temb))[:, None, None]
-        h = nn.silu(GroupNorm(dtype=self.dtype, name="norm1")(h))
+        h = nn.silu(GroupNorm(dtype=self.dtype, groups=self.norm_groups, name="norm1")(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = conv3x3(self.out_ch, dtype=self.dtype, scale=0.0, name="conv1")(h)
         x = x.astype(self.dtype)
