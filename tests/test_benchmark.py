@@ -13,7 +13,11 @@ from configs import tiny
 from ddpm_jax import bench, models
 from ddpm_jax.bench import common
 
-SETTINGS = bench.BenchSettings(batch_size=8, steps=1, repeats=2, warmup=1, sample_steps=2)
+# The model parts only: the sampler-accuracy part has its own cut test below (in full it
+# runs every sampler, spacing and step count on the oracles: minutes on 2 cores).
+SETTINGS = bench.BenchSettings(
+    batch_size=8, steps=1, repeats=2, warmup=1, sample_steps=2, parts=common.MODEL_PARTS
+)
 
 
 def _config():
@@ -177,3 +181,19 @@ def test_sampler_accuracy_oracles_and_tables(monkeypatch):
     results = {"gaussian": gaussian, "mixture": mixture, "step_cost": cost}
     table = sa.format_table(results)
     assert "dpm_solver++ 2" in table and "sliced W1" in table
+
+
+def test_the_command_needs_a_config_only_for_the_model_parts():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.benchmark", "--parts=train,sampler_accuracy"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: --parts=train measures a model: give its config, e.g. --config=configs/cifar10.py."
+    ]

@@ -14,7 +14,8 @@ chain); compile times (the sampler's at two chain lengths, compiled but not run)
 image from XLA's cost analysis, achieved FLOP/s and MFU; peak memory. `--reference=torch`
 runs the same U-Net in PyTorch (diffusers' `UNet2DModel`, `pip install ddpm_jax[bench]`) in
 the same process with the same batch, dtype and steps, and prints ddpm_jax / reference.
-Any `--config.group.field=value` overrides the config (e.g. the compute dtype).
+Any `--config.group.field=value` overrides the config (e.g. the compute dtype). The parts
+that measure no model (`--parts=sampler_accuracy,input`) need no `--config`.
 
 Like `ddpm_jax.main`, this sets the project's XLA CPU defaults before JAX starts its backend;
 `--noxla_cpu_defaults` measures without them. It runs as `python -m ddpm_jax.bench` or
@@ -50,7 +51,6 @@ flags.DEFINE_list("parts", ["train", "forward", "sampling"], "What to measure.")
 flags.DEFINE_bool(
     "xla_cpu_defaults", True, "Add runtime.xla_flags' CPU defaults to XLA_FLAGS (as main.py)."
 )
-flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -58,9 +58,20 @@ def main(argv):
         cli.fail(f"unexpected arguments {argv[1:]}.")
     cli.prepare_jax(xla_cpu_defaults=FLAGS.xla_cpu_defaults)
     from ddpm_jax import bench
+    from ddpm_jax.bench import common
     from ddpm_jax.runtime import workdir as wd
 
-    config = FLAGS.config
+    config, config_name = FLAGS.config, ""
+    if config is None:  # the oracle and input parts measure no model of a config.
+        model_parts = [p for p in FLAGS.parts if p in common.MODEL_PARTS]
+        if model_parts:
+            cli.fail(f"--parts={','.join(model_parts)} measures a model: give its config, "
+                     "e.g. --config=configs/cifar10.py.")  # fmt: skip
+        from ddpm_jax.experiment import defaults
+
+        config = defaults.get_config()
+    else:
+        config_name = config_flags.get_config_filename(FLAGS["config"])
     settings = bench.BenchSettings(
         batch_size=FLAGS.batch_size or int(config.training.batch_size),
         steps=FLAGS.steps,
@@ -77,7 +88,7 @@ def main(argv):
         config,
         settings,
         reference=FLAGS.reference,
-        config_name=config_flags.get_config_filename(FLAGS["config"]),
+        config_name=config_name,
     )
     results["meta"]["xla_cpu_defaults"] = FLAGS.xla_cpu_defaults
     results["meta"]["command"] = " ".join(sys.argv)
