@@ -9,9 +9,10 @@ Every other setting is `--config.group.field=value` (every field is documented i
 `ddpm_jax/experiment/defaults.py`). Training resumes from the newest checkpoint in
 `--workdir`; running the same command again continues an interrupted run. Sampling and
 evaluation take the model from the workdir's config.json, so `--config` is optional there
-(given, only its sampling, eval and mesh groups are used). In a multi-process run (TPU pod,
-SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID) every process
-runs this same command.
+(given, only its sampling, eval and mesh groups are used). Of the trained fields only
+`--config.diffusion.variance` and `--config.diffusion.clip_denoised` may change there. In a
+multi-process run (TPU pod, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/
+JAX_PROCESS_ID) every process runs this same command.
 
 Bad input (a config value, a path, a workdir in use) is reported as one line, `error: ...`,
 with exit status 2; `--verbose` shows the traceback.
@@ -48,6 +49,22 @@ def command_line_overrides() -> dict[str, object]:
     }
 
 
+def sampling_overrides(config) -> dict[str, object]:
+    """The `--config.*` flags that a sampling or evaluation run applies to the workdir's config.
+
+    Without `--config`, all of them (`workdir.apply_overrides` refuses trained fields). With
+    it, its sampling/eval/mesh groups already carry theirs (`workdir.resolve_config`); of the
+    trained fields only those a sampler may change, and only when given on the command line
+    (a config file's own `diffusion.variance` must not replace a trained, learned one).
+    """
+    given = command_line_overrides()
+    if config is None:
+        return given
+    from ddpm_jax.runtime.workdir import SAMPLING_DIFFUSION_FIELDS
+
+    return {k: v for k, v in given.items() if k in SAMPLING_DIFFUSION_FIELDS}
+
+
 def load_config():
     """The `--config` ConfigDict (None if not given), or one `error:` line if it fails to load."""
     if not FLAGS["config"].present:
@@ -73,11 +90,12 @@ def main(argv: list[str]) -> None:
     workdir = wd.resolve_path(FLAGS.workdir)
     if config is not None:
         config = wd.resolve_config_paths(config)
-    if FLAGS.mode != "train" and config is not None:  # the model and data of the workdir...
-        config = wd.resolve_config(config, workdir)  # ... how to run from --config.
-    elif FLAGS.mode != "train":  # the workdir's config, with the --config.* flags applied.
-        config = wd.apply_overrides(wd.read_config(workdir), command_line_overrides())
-    ExperimentConfig.from_config(config)  # every field checked, before JAX even starts.
+    overrides = sampling_overrides(config)
+    # Every field checked, before JAX even starts; sampling and evaluation check the config
+    # they will run: the workdir's model and data, how to run from the command line.
+    ExperimentConfig.from_config(
+        config if FLAGS.mode == "train" else wd.run_config(config, workdir, overrides)
+    )
     cli.prepare_jax()
     import jax
 
@@ -93,11 +111,11 @@ def main(argv: list[str]) -> None:
     elif FLAGS.mode == "eval":
         from ddpm_jax.evaluation import evaluate
 
-        evaluate.evaluate(config, workdir)
+        evaluate.evaluate(config, workdir, config_overrides=overrides)
     else:
         from ddpm_jax.inference import write_samples
 
-        write_samples.write_samples(config, workdir)
+        write_samples.write_samples(config, workdir, config_overrides=overrides)
 
 
 def run() -> None:

@@ -5,6 +5,9 @@ import json
 import logging
 import math
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -130,6 +133,32 @@ def test_eval_batch_not_divisible_by_devices_is_refused(run):
     config.eval.batch_size = 12
     with pytest.raises(ValueError, match=r"config\.eval\.batch_size"):
         evaluate.evaluate(config, workdir)
+
+
+def test_a_variance_given_on_the_command_line_reaches_the_bound(run, tmp_path):
+    """`--mode=eval --config.diffusion.variance=fixedsmall` bounds with σ_q², not β_t."""
+    _, workdir = run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval", wd.LOCK_FILE))
+    large = evaluate.evaluate(None, str(copy))
+    small = evaluate.evaluate(
+        None, str(copy), config_overrides={"diffusion.variance": "fixedsmall"}
+    )
+    assert (large["variance"], small["variance"]) == ("fixedlarge", "fixedsmall")
+    assert small["bpd_diffusion_sum_Lt"] != pytest.approx(large["bpd_diffusion_sum_Lt"], rel=1e-3)
+
+    args = [f"--workdir={copy}", "--mode=eval", "--config.diffusion.variance=fixedsmall"]
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.load(open(copy / "eval" / f"bpd_step{STEP}.json"))
+    assert written["variance"] == "fixedsmall"
+    assert written["bpd"] == pytest.approx(small["bpd"], rel=1e-5)
 
 
 _W = np.random.default_rng(1).standard_normal((8 * 8 * 3, 6)).astype(np.float32)

@@ -137,6 +137,8 @@ def test_bad_requests_raise_clear_errors(run, sampler):
         ddpm_jax.load_sampler(workdir, config_overrides={"model.ch": 64})
     with pytest.raises(ValueError, match=r"sampling\.nope"):
         ddpm_jax.load_sampler(workdir, config_overrides={"sampling.nope": 1})
+    with pytest.raises(ValueError, match=r"'learned_range'.* only between 'fixedsmall' and"):
+        ddpm_jax.load_sampler(workdir, config_overrides={"diffusion.variance": "learned_range"})
     with pytest.raises(FileNotFoundError, match="step 4"):
         ddpm_jax.load_sampler(workdir, step=4)
 
@@ -230,6 +232,11 @@ def test_generate_writes_chunks_and_resumes(run, sampler):
     other.sampling.seed = 8
     with pytest.raises(ValueError, match="seed"):
         write_samples.write_samples(other, workdir)
+    # A sampling choice among the trained fields reaches the chains (and so is refused here).
+    with pytest.raises(ValueError, match="clip_denoised"):
+        write_samples.write_samples(
+            config, workdir, config_overrides={"diffusion.clip_denoised": False}
+        )
 
 
 def test_sampler_is_importable_from_the_package_top():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -28,21 +29,29 @@ from ddpm_jax.runtime import metrics
 from ddpm_jax.runtime import workdir as wd
 
 
-def evaluate(config: ml_collections.ConfigDict | None, workdir: str) -> dict[str, Any]:
+def evaluate(
+    config: ml_collections.ConfigDict | None,
+    workdir: str,
+    *,
+    config_overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """`--mode=eval`: bits/dim over `config.eval.split` and FID of the newest checkpoint.
 
     Args:
       config: the command-line config; the model, data and schedule come from
         `<workdir>/config.json` (see `workdir.resolve_config`); None: all of config.json.
       workdir: the training run's workdir.
+      config_overrides: dotted-path changes applied after that resolution (see
+        `workdir.run_config`), e.g. `{"diffusion.variance": "fixedsmall"}`.
 
     Returns:
       {"step", "split", "num_examples", "bpd", "bpd_decoder_L0", "bpd_diffusion_sum_Lt",
-      "bpd_prior_LT", "conditional"} plus {"fid", "fid_num_samples", "fid_reference"} or
-      {"fid_skipped"}; also written to `<workdir>/eval/bpd_step<step>.json` by process 0.
+      "bpd_prior_LT", "conditional", "variance", "clip_denoised"} plus {"fid",
+      "fid_num_samples", "fid_reference"} or {"fid_skipped"}; also written to
+      `<workdir>/eval/bpd_step<step>.json` by process 0.
     """
     workdir = wd.resolve_path(workdir)
-    sampler = Sampler.from_config(wd.resolve_config(config, workdir), workdir)
+    sampler = Sampler.from_config(wd.run_config(config, workdir, config_overrides), workdir)
     cfg, step = sampler.config, sampler.step
     cfg.check_devices(sampler.mesh.devices.size, jax.process_count(), mode="eval")
     weights = fid_lib.load_weights(cfg)  # bad weights fail now, not after the bound.
@@ -54,6 +63,8 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str) -> dict[str
         "num_examples": bpd.num_examples,
         **bpd.scalars(),
         "conditional": sampler.num_classes > 0,
+        "variance": sampler.reverse.variance,
+        "clip_denoised": sampler.reverse.clip_denoised,
     }
     logging.info(
         "Step %d: %.4f bits/dim on %s (%d examples; L_0 %.4f, sum L_t %.4f, L_T %.4g; %.0f s).",

@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import zipfile
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -72,7 +74,12 @@ def _check_meta(out_dir: str, meta: dict) -> None:
     wd.write_json(path, meta)
 
 
-def write_samples(config: ml_collections.ConfigDict | None, workdir: str) -> str:
+def write_samples(
+    config: ml_collections.ConfigDict | None,
+    workdir: str,
+    *,
+    config_overrides: Mapping[str, Any] | None = None,
+) -> str:
     """`--mode=sample`: writes `config.sampling.num_samples` samples of `workdir`'s model.
 
     Files under `<workdir>/samples/` (process 0 writes, every process samples):
@@ -91,12 +98,14 @@ def write_samples(config: ml_collections.ConfigDict | None, workdir: str) -> str
         `workdir.resolve_config`): the model is the one in `<workdir>/config.json`. None:
         all of config.json.
       workdir: the training run's workdir.
+      config_overrides: dotted-path changes applied after that resolution (see
+        `workdir.run_config`), e.g. `{"diffusion.variance": "fixedsmall"}`.
 
     Returns:
       The path of `samples.npz`.
     """
     workdir = wd.resolve_path(workdir)
-    sampler = Sampler.from_config(wd.resolve_config(config, workdir), workdir)
+    sampler = Sampler.from_config(wd.run_config(config, workdir, config_overrides), workdir)
     options = sampler.options()
     s = sampler.config.sampling
     num, batch, seed = s.num_samples, s.batch_size, s.seed

@@ -50,6 +50,8 @@ TRAINED_GROUPS = ("data", "model", "diffusion")
 # Trained fields that a sampler may still change (the reverse-process variance is a sampling
 # choice in Ho et al.).
 SAMPLING_DIFFUSION_FIELDS = ("diffusion.variance", "diffusion.clip_denoised")
+# The variances that leave the network alone, between which a sampler may switch.
+FIXED_VARIANCES = ("fixedsmall", "fixedlarge")
 
 # On resume, a change of these is refused unless training.allow_config_change = True: they
 # define the network and the data it was trained on, or the data order and the random
@@ -325,6 +327,20 @@ def resolve_config(
     return merged
 
 
+def run_config(
+    config: ml_collections.ConfigDict | None,
+    workdir: str,
+    overrides: Mapping[str, Any] | None = None,
+) -> ml_collections.ConfigDict:
+    """The config of a sampling or evaluation run: `resolve_config`, then `apply_overrides`.
+
+    The overrides come last, so that the trained fields a sampler may change
+    (`diffusion.variance`, `diffusion.clip_denoised`) take effect although `resolve_config`
+    keeps the workdir's trained values.
+    """
+    return apply_overrides(resolve_config(config, workdir), overrides)
+
+
 def apply_overrides(
     config: ml_collections.ConfigDict, overrides: Mapping[str, Any] | None
 ) -> ml_collections.ConfigDict:
@@ -333,7 +349,8 @@ def apply_overrides(
     Raises:
       WorkdirError: a path outside `sampling`, `eval`, `mesh`, `data.data_dir`,
         `data.num_workers`, `diffusion.variance`, `diffusion.clip_denoised` (the checkpoint
-        fixes the rest), or one that names no existing field.
+        fixes the rest), one that names no existing field, or a `diffusion.variance` change
+        to or from a learned variance.
     """
     config = ml_collections.ConfigDict(config.to_dict())
     for path, value in (overrides or {}).items():
@@ -349,8 +366,22 @@ def apply_overrides(
         group, field = parts
         if group not in config or field not in config[group]:
             raise WorkdirError(f"config.{path} names no field of the config.")
+        _check_variance_change(path, config[group][field], value)
         config[group][field] = value
     return config
+
+
+def _check_variance_change(path: str, trained: Any, value: Any) -> None:
+    """A sampler may swap one fixed variance for the other; a learned one is in the network."""
+    if path != "diffusion.variance" or value == trained:
+        return
+    if trained not in FIXED_VARIANCES or value not in FIXED_VARIANCES:
+        raise WorkdirError(
+            f"config.diffusion.variance = {value!r}: the checkpoint was trained with "
+            f"{trained!r}; sampling and evaluation may switch only between "
+            f"{' and '.join(map(repr, FIXED_VARIANCES))} (a learned variance is an output of "
+            "the network)."
+        )
 
 
 # --------------------------------------------------------------------------- the owner lock
