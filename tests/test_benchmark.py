@@ -6,12 +6,15 @@ the figures that are exact: parameter counts and the reference's architecture.
 
 import json
 import math
+import os
 
 import pytest
 
 from configs import tiny
 from ddpm_jax import bench, models
 from ddpm_jax.bench import common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The model parts only: the sampler-accuracy part has its own cut test below (in full it
 # runs every sampler, spacing and step count on the oracles: minutes on 2 cores).
@@ -197,3 +200,48 @@ def test_the_command_needs_a_config_only_for_the_model_parts():
     assert out.stderr.strip().splitlines() == [
         "error: --parts=train measures a model: give its config, e.g. --config=configs/cifar10.py."
     ]
+
+
+def _check_restart(restart, results, directory, parts):
+    runs = results["on"]
+    names = {"train": ("first", "resumed"), "sampler": ("first", "second"),
+             "eval": ("first", "second")}  # fmt: skip
+    assert set(runs) == {f"{p}_{r}" for p in parts for r in names[p]}
+    for name in ("train_first", "train_resumed"):
+        assert 0 < runs[name]["first_step_s"] <= runs[name]["wall_s"], runs[name]
+    workdir = directory / "run_cache_on"
+    steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
+    assert steps[0] == 1 and steps[-1] == 2  # the second run resumed the first.
+    assert any((directory / "cache").iterdir())  # the processes used the one cache.
+    text = restart.table(results)
+    assert text.splitlines()[0] == "| | cache on |" and "| train_resumed | first_step" in text
+    return runs, workdir
+
+
+def test_restart_measurements_train_and_resume_with_one_cache(tmp_path):
+    """`python -m ddpm_jax.bench.restart`: the user's train command, then resumed."""
+    from ddpm_jax.bench import restart
+
+    with pytest.raises(ValueError, match="unknown caches/parts"):
+        restart.measure("configs/tiny.py", str(tmp_path / "x"), caches=("warm",))
+    with pytest.raises(ValueError, match="workdir of train"):
+        restart.measure("configs/tiny.py", str(tmp_path / "x"), parts=("eval",))
+    directory = tmp_path / "restart"
+    config = os.path.join(REPO, "configs", "tiny.py")
+    overrides = ["--config.training.sample_every_steps=0"]
+    results = restart.measure(config, str(directory), caches=("on",), parts=("train",),
+                              overrides=overrides)  # fmt: skip
+    _check_restart(restart, results, directory, ("train",))
+
+
+@pytest.mark.slow  # the train part runs in CI above; these add load_sampler and eval.
+def test_restart_measurements_of_load_sampler_and_eval(tmp_path):
+    from ddpm_jax.bench import restart
+
+    directory = tmp_path / "restart"
+    results = restart.measure(os.path.join(REPO, "configs", "tiny.py"), str(directory),
+                              caches=("on",))  # fmt: skip
+    runs, workdir = _check_restart(restart, results, directory, restart.PARTS)
+    for name in ("sampler_first", "sampler_second"):
+        assert 0 < runs[name]["load_s"] < runs[name]["first_images_s"] <= runs[name]["wall_s"]
+    assert (workdir / "eval" / "bpd_step2.json").exists()

@@ -161,6 +161,7 @@ def test_folder_batches_are_pure_in_seed_and_step_and_work_in_worker_processes(f
         it.close()
 
 
+@pytest.mark.slow  # the folder's batches at any step: above; resume: tests/test_train.py.
 def test_folder_resume_is_bit_identical(folder, tmp_path):
     """2 steps in one go, against the same run resumed from its step-1 checkpoint."""
     config = tiny.get_config()
