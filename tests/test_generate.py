@@ -190,6 +190,16 @@ def test_resolve_config_keeps_trained_fields_and_warns(run, caplog):
     cli.data.data_dir = None  # unset: where training had it
     assert wd.resolve_config(cli, workdir).data.data_dir == config.data.data_dir
 
+    # A sampling choice given on the command line (--config.diffusion.variance) is applied
+    # after the resolution, and the warning does not claim it was ignored.
+    cli.model.ch, cli.diffusion.variance = 32, "fixedsmall"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        merged = wd.run_config(cli, workdir, {"diffusion.variance": "fixedsmall"})
+    assert merged.diffusion.variance == "fixedsmall" and merged.sampling.num_samples == 5
+    assert not [r for r in caplog.records if "trained field" in r.getMessage()]
+    assert wd.run_config(cli, workdir).diffusion.variance == config.diffusion.variance
+
 
 def _listing(directory):
     return {f: os.stat(os.path.join(directory, f)).st_mtime_ns for f in os.listdir(directory)}

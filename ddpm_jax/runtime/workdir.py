@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -282,7 +282,7 @@ def append_config_history(workdir: str, step: int, changes: list[FieldChange]) -
 
 
 def resolve_config(
-    config: ml_collections.ConfigDict | None, workdir: str
+    config: ml_collections.ConfigDict | None, workdir: str, *, overridden: Collection[str] = ()
 ) -> ml_collections.ConfigDict:
     """The config of a sampling or evaluation run on `workdir`.
 
@@ -290,7 +290,8 @@ def resolve_config(
     the checkpoint was trained with; `sampling`, `eval` and `mesh` come from `config` (the
     command line), as do `data.data_dir` and `data.num_workers` unless None there. Trained
     fields on which the two differ are logged as a warning and the workdir's values win.
-    With `config` None, everything comes from config.json.
+    With `config` None, everything comes from config.json. Fields in `overridden` (set
+    afterwards by `apply_overrides`, see `run_config`) are not warned about.
 
     Returns:
       A new, unlocked ConfigDict.
@@ -304,6 +305,7 @@ def resolve_config(
         for k in set(given) | set(trained)
         if k.split(".")[0] in TRAINED_GROUPS
         and k not in LOCAL_FIELDS
+        and k not in overridden
         and given.get(k) != trained.get(k)
     )
     if ignored:
@@ -338,7 +340,8 @@ def run_config(
     (`diffusion.variance`, `diffusion.clip_denoised`) take effect although `resolve_config`
     keeps the workdir's trained values.
     """
-    return apply_overrides(resolve_config(config, workdir), overrides)
+    overrides = dict(overrides or {})
+    return apply_overrides(resolve_config(config, workdir, overridden=overrides), overrides)
 
 
 def apply_overrides(
