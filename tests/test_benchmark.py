@@ -218,14 +218,33 @@ def _check_restart(restart, results, directory, parts):
     return runs, workdir
 
 
-def test_restart_measurements_train_and_resume_with_one_cache(tmp_path):
-    """`python -m ddpm_jax.bench.restart`: the user's train command, then resumed."""
+def test_restart_refuses_bad_requests_before_running_anything(tmp_path):
     from ddpm_jax.bench import restart
 
     with pytest.raises(ValueError, match="unknown caches/parts"):
         restart.measure("configs/tiny.py", str(tmp_path / "x"), caches=("warm",))
     with pytest.raises(ValueError, match="workdir of train"):
         restart.measure("configs/tiny.py", str(tmp_path / "x"), parts=("eval",))
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        restart.measure("configs/tiny.py", str(tmp_path / "used"))
+    assert (tmp_path / "used" / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "x").exists()
+    rows = {"on": {"train_first": {"first_step_s": 3.0, "wall_s": 4.25}},
+            "off": {"train_first": {"first_step_s": 5.0, "wall_s": 6.0}}}  # fmt: skip
+    assert restart.table(rows).splitlines() == [
+        "| | cache on | cache off |",
+        "| --- | --- | --- |",
+        "| train_first | first_step 3.0 s, wall 4.2 s | first_step 5.0 s, wall 6.0 s |",
+    ]
+
+
+@pytest.mark.slow  # the user's commands themselves run in CI in tests/test_readme.py.
+def test_restart_measurements_train_and_resume_with_one_cache(tmp_path):
+    """`python -m ddpm_jax.bench.restart`: the user's train command, then resumed."""
+    from ddpm_jax.bench import restart
+
     directory = tmp_path / "restart"
     config = os.path.join(REPO, "configs", "tiny.py")
     overrides = ["--config.training.sample_every_steps=0"]
@@ -234,7 +253,7 @@ def test_restart_measurements_train_and_resume_with_one_cache(tmp_path):
     _check_restart(restart, results, directory, ("train",))
 
 
-@pytest.mark.slow  # the train part runs in CI above; these add load_sampler and eval.
+@pytest.mark.slow  # as above, with load_sampler and eval.
 def test_restart_measurements_of_load_sampler_and_eval(tmp_path):
     from ddpm_jax.bench import restart
 

@@ -15,13 +15,13 @@ Each measurement is a new process, run the way a user runs it, in order:
 
 With `on` every process shares one cache directory that starts empty (`<dir>/cache`); with `off`
 none has a cache (`--compilation_cache_dir=off`), so the second run shows what the cache saves.
+The training commands' output goes to `<dir>/train_*.log`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -44,18 +44,22 @@ print(json.dumps({"load_s": loaded - start, "first_images_s": time.perf_counter(
 """
 
 
-def _first_row_time(cmd: list[str], metrics: str, step: int, env: dict) -> dict[str, float]:
-    """Runs `cmd`; seconds until `metrics` has a row of `step`, and the whole wall time."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    first = None
-    while proc.poll() is None:
-        if first is None and _has_step(metrics, step):
-            first = time.perf_counter() - start
-        time.sleep(0.05)
-    wall = time.perf_counter() - start
-    output = proc.stdout.read().decode(errors="replace")
+def _first_row_time(
+    cmd: list[str], metrics: str, step: int, env: dict, log: str
+) -> dict[str, float]:
+    """Runs `cmd` (output to `log`); seconds until `metrics` has a row of `step`, and wall time."""
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        first = None
+        while proc.poll() is None:
+            if first is None and _has_step(metrics, step):
+                first = time.perf_counter() - start
+            time.sleep(0.05)
+        wall = time.perf_counter() - start
     if proc.returncode:
+        with open(log, errors="replace") as f:
+            output = f.read()
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
     if first is None and _has_step(metrics, step):
         first = wall  # the row appeared between the last poll and the exit.
@@ -95,7 +99,8 @@ def measure(
 
     Args:
       config: the experiment config file to train (e.g. configs/digits.py).
-      directory: made empty, then holds the workdirs and the cache.
+      directory: a new or empty directory (a non-empty one is refused, so nothing is lost);
+        it then holds the workdirs, the cache and the training logs.
       caches: "on" (one shared cache, empty at first) and/or "off".
       parts: of PARTS; `sampler` and `eval` use the workdir `train` made (so need it).
       num_images: images the `sampler` part draws.
@@ -108,8 +113,9 @@ def measure(
         raise ValueError(f"unknown caches/parts {sorted(unknown)}: caches {CACHES}, parts {PARTS}.")
     if {"sampler", "eval"} & set(parts) and "train" not in parts:
         raise ValueError("the sampler and eval parts sample and evaluate the workdir of train.")
-    shutil.rmtree(directory, ignore_errors=True)
-    os.makedirs(directory)
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise ValueError(f"{directory} is not empty: give a new or empty directory.")
+    os.makedirs(directory, exist_ok=True)
     env = dict(os.environ)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the flag below decides.
     py = sys.executable
@@ -125,7 +131,8 @@ def measure(
         if "train" in parts:
             for run, steps in (("first", 1), ("resumed", 2)):
                 cmd = [*train, f"--config.training.num_train_steps={steps}"]
-                out[f"train_{run}"] = _first_row_time(cmd, metrics, steps, env)
+                log = os.path.join(directory, f"train_{run}_cache_{cache}.log")
+                out[f"train_{run}"] = _first_row_time(cmd, metrics, steps, env, log)
         if "sampler" in parts:
             for run in ("first", "second"):
                 cmd = [py, "-c", _SAMPLE_SCRIPT, workdir, cache_dir, str(num_images)]
@@ -163,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--dir", required=True, help="Made empty; holds workdirs and cache.")
+    parser.add_argument("--dir", required=True, help="New or empty; holds workdirs and cache.")
     parser.add_argument("--caches", default=",".join(CACHES))
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--num_images", type=int, default=8)
