@@ -240,21 +240,9 @@ def test_restart_refuses_bad_requests_before_running_anything(tmp_path):
     ]
 
 
-@pytest.mark.slow  # the user's commands themselves run in CI in tests/test_readme.py.
-def test_restart_measurements_train_and_resume_with_one_cache(tmp_path):
-    """`python -m ddpm_jax.bench.restart`: the user's train command, then resumed."""
-    from ddpm_jax.bench import restart
-
-    directory = tmp_path / "restart"
-    config = os.path.join(REPO, "configs", "tiny.py")
-    overrides = ["--config.training.sample_every_steps=0"]
-    results = restart.measure(config, str(directory), caches=("on",), parts=("train",),
-                              overrides=overrides)  # fmt: skip
-    _check_restart(restart, results, directory, ("train",))
-
-
-@pytest.mark.slow  # as above, with load_sampler and eval.
-def test_restart_measurements_of_load_sampler_and_eval(tmp_path):
+@pytest.mark.slow  # minutes; the user's commands themselves run in CI in test_readme.py.
+def test_restart_measurements_run_the_users_commands_with_one_cache(tmp_path):
+    """`python -m ddpm_jax.bench.restart`: train, resume, load_sampler and eval, cache on."""
     from ddpm_jax.bench import restart
 
     directory = tmp_path / "restart"
