@@ -31,6 +31,7 @@ from typing import Any
 
 import ml_collections
 
+from ddpm_jax.diffusion import FIXED_VARIANCES
 from ddpm_jax.errors import WorkdirError, WorkdirNotFoundError
 
 CONFIG_FILE = "config.json"
@@ -50,8 +51,6 @@ TRAINED_GROUPS = ("data", "model", "diffusion")
 # Trained fields that a sampler may still change (the reverse-process variance is a sampling
 # choice in Ho et al.).
 SAMPLING_DIFFUSION_FIELDS = ("diffusion.variance", "diffusion.clip_denoised")
-# The variances that leave the network alone, between which a sampler may switch.
-FIXED_VARIANCES = ("fixedsmall", "fixedlarge")
 
 # On resume, a change of these is refused unless training.allow_config_change = True: they
 # define the network and the data it was trained on, or the data order and the random
