@@ -3,19 +3,18 @@
 TFDS's celeb_a_hq needs a manual download (see its catalog page) into `data.data_dir`; it
 has only a train split, which evaluation also reads. Run with::
 
-    python -m ddpm_jax.main --config=configs/celeba_hq256.py --workdir=/tmp/ddpm_celeba_hq256
+    ddpm-jax train --config=configs/celeba_hq256.py --workdir=/tmp/ddpm_celeba_hq256
 """
 
 import ml_collections
 
-from configs import default
+from ddpm_jax.experiment import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Returns Ho et al.'s CelebA-HQ 256 configuration."""
-    config = default.get_config()
+    config = defaults.get_config()
     config.data.name = "celeb_a_hq/256"
-    config.data.eval_split = "train"
     config.data.image_size = 256
 
     config.model.ch_mult = (1, 1, 2, 2, 4, 4)

@@ -4,14 +4,14 @@ The default configuration is exactly this experiment (ch 128, ch_mult (1, 2, 2, 
 ResNet blocks per level, attention at 16×16, dropout 0.1, linear β schedule, T = 1000);
 tests/test_models.py pins its parameter count to 35,746,307. Run with::
 
-    python -m ddpm_jax.main --config=configs/cifar10.py --workdir=/tmp/ddpm_cifar10
+    ddpm-jax train --config=configs/cifar10.py --workdir=/tmp/ddpm_cifar10
 """
 
 import ml_collections
 
-from configs import default
+from ddpm_jax.experiment import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Returns Ho et al.'s CIFAR-10 configuration."""
-    return default.get_config()
+    return defaults.get_config()

@@ -4,7 +4,7 @@ The data (scikit-learn's 8×8 digits, upsampled; `ddpm_jax.data.digits`) ships w
 package's dependencies and is built into the TFDS data_dir on first use, so this runs with no
 network. Run it from the repository root::
 
-    python -m ddpm_jax.main --config=configs/digits.py --workdir=workdirs/digits
+    ddpm-jax train --config=configs/digits.py --workdir=workdirs/digits
 
 Forward+backward+Adam of this 1.1M-parameter U-Net at batch 64 takes ~0.45 s/step on this
 repository's 2-core CPU (jaxlib 0.10.2 with the XLA CPU default that `ddpm_jax.main` sets), so
@@ -14,12 +14,12 @@ Digits are recognisable in the grids at 1,000 and 2,000 steps.
 
 import ml_collections
 
-from configs import default
+from ddpm_jax.experiment import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Returns the default config with the data, model and run length cut to CPU size."""
-    config = default.get_config()
+    config = defaults.get_config()
 
     config.data.name = "digits"
     config.data.image_size = 16

@@ -3,19 +3,18 @@
 TFDS's lsun/church_outdoor images are not square (256-pixel short side): the input pipeline
 must crop them to image_size × image_size. Run with::
 
-    python -m ddpm_jax.main --config=configs/lsun256.py --workdir=/tmp/ddpm_lsun_church256
+    ddpm-jax train --config=configs/lsun256.py --workdir=/tmp/ddpm_lsun_church256
 """
 
 import ml_collections
 
-from configs import default
+from ddpm_jax.experiment import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Returns Ho et al.'s LSUN Church 256 configuration."""
-    config = default.get_config()
+    config = defaults.get_config()
     config.data.name = "lsun/church_outdoor"
-    config.data.eval_split = "validation"
     config.data.image_size = 256
 
     config.model.ch_mult = (1, 1, 2, 2, 4, 4)

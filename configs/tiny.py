@@ -4,17 +4,17 @@
 (1, 2), one ResNet block per level, attention at 4×4), T = 100 with Ho et al.'s linear
 schedule rescaled to keep ᾱ_T ≈ 0 (β from 1e-3 to 0.2), batch 8 and a few steps. Run with::
 
-    python -m ddpm_jax.main --config=configs/tiny.py --workdir=/tmp/ddpm_tiny
+    ddpm-jax train --config=configs/tiny.py --workdir=/tmp/ddpm_tiny
 """
 
 import ml_collections
 
-from configs import default
+from ddpm_jax.experiment import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Returns the tiny test configuration."""
-    config = default.get_config()
+    config = defaults.get_config()
     config.data.name = "digits"
     config.data.image_size = 8
     config.data.channels = 1

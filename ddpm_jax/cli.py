@@ -2,6 +2,11 @@
 
     cli.run(main, argv=sys.argv)        # instead of absl.app.run(main)
 
+Every command of the package goes through `run`: the console scripts `ddpm-jax`
+(`train|sample|eval`, `main.py`), `ddpm-jax-import` (`pretrained`), `ddpm-jax-data`
+(`data`), `ddpm-jax-fid` (`fid`), `ddpm-jax-benchmark` (`bench`) and `ddpm-jax-restart`
+(`bench.restart`), and their `python -m` forms.
+
 - A `UserError` (bad config, data or workdir), a flag that does not parse, a misspelt config
   field or a config file that does not load is printed as one line, `error: ...`, and the
   process exits with status 2. `--verbose` shows the traceback (and every library's logs);
@@ -23,6 +28,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import app, flags
 
@@ -50,6 +56,10 @@ def fail(message: str) -> None:
 
 def _flag_error_line(argv: Sequence[str], error: BaseException) -> str:
     """One line for a command line that does not parse, naming the argument at fault."""
+    if isinstance(error, SyntaxError):  # a config file that is not valid Python.
+        where = f"{error.filename}, line {error.lineno}" if error.filename else "a config file"
+        text = (error.text or "").strip()
+        return f"{where}: {error.msg}" + (f": {text}" if text else "") + " (not valid Python)."
     if isinstance(error, flags.Error):
         return errors.one_line(error)  # absl names the flag itself.
     text = str(error)
@@ -73,11 +83,46 @@ def _flag_error_line(argv: Sequence[str], error: BaseException) -> str:
 def _parse_flags(argv: Sequence[str]) -> list[str]:
     try:
         return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
+        # SyntaxError and the rest: a config file (ml_collections loads it while parsing).
         if "--verbose" in argv:
             raise
         fail(_flag_error_line(argv, e))
     return []
+
+
+def subcommand_as_flag(argv: Sequence[str], flag: str, choices: Sequence[str]) -> list[str]:
+    """`prog WORD ...` as `prog --flag=WORD ...` when WORD is one of `choices`.
+
+    So that `ddpm-jax train --config=...` and `python -m ddpm_jax.main --mode=train
+    --config=...` are the same command. Anything else is left as it is (absl reports a
+    stray argument, and the entry point names it).
+    """
+    argv = list(argv)
+    if len(argv) > 1 and argv[1] in choices:
+        if any(a.split("=")[0] in (f"--{flag}", f"-{flag}") for a in argv[2:]):
+            fail(f"give {argv[1]!r} or --{flag}, not both.")
+        return [argv[0], f"--{flag}={argv[1]}", *argv[2:]]
+    return argv
+
+
+def loaded_config(name: str = "config") -> Any:
+    """The ConfigDict of the config-file flag `name` if given (else None), or one `error:` line.
+
+    A config file is a Python file; one that raises when it is run (a missing file, an
+    exception inside `get_config`) fails here, naming the file.
+    """
+    if not FLAGS[name].present:
+        return None
+    try:
+        config = FLAGS[name].value
+        config.keys()  # a config that failed to load raises on first use.
+        return config
+    except Exception as e:  # anything raised by the user's config file.
+        from ml_collections import config_flags
+
+        filename = config_flags.get_config_filename(FLAGS[name])
+        fail(f"--{name}={filename}: {errors.one_line(e)}")
 
 
 # Library warnings that say nothing a user of this package can act on.

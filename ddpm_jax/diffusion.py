@@ -1,27 +1,25 @@
 """The mathematics of DDPM as pure functions of arrays: no Flax, no config.
 
 Forward process q(x_t|x_0), true posterior q(x_{t-1}|x_t,x_0), conversions among the x_0, ε and
-v parameterizations, the reverse step p_θ(x_{t-1}|x_t) from a model output, and the weighted
-ELBO used for training. The variational bound in bits per dimension lives in
-`ddpm_jax.likelihood`; its functions are also reachable here (`diffusion.bits_per_dim`, ...),
-as the public API has always named them.
+v parameterizations, and the reverse step p_θ(x_{t-1}|x_t) from a model output. The bound in
+bits per dimension builds on this module in `ddpm_jax.likelihood`, the training objectives in
+`ddpm_jax.losses`.
 
-Conventions (DESIGN.md): `sched` is a `schedules.Schedule` of length T; timesteps `t` are int
-arrays of shape [B] with values in [0, T), index t being the paper's step t+1; images `x` are
-float arrays [B, ...] (NHWC for images) in [-1, 1]. A model is any callable
-`model_fn(x_t, t) -> prediction` with the prediction shaped like `x_t`.
+Conventions: `sched` is a `schedules.Schedule` of length T; timesteps `t` are int arrays of
+shape [B] with values in [0, T), index t being the paper's step t+1 (`alphas_cumprod[t]` is
+ᾱ_{t+1}); images `x` are float arrays [B, ...] (NHWC for images) in [-1, 1]. A model is any
+callable `model_fn(x_t, t) -> prediction` with the prediction shaped like `x_t`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax._base import check_choice
 from ddpm_jax.schedules import Schedule
 
 PARAMETERIZATIONS = ("x0", "eps", "v")
@@ -29,21 +27,18 @@ FIXED_VARIANCES = ("fixedsmall", "fixedlarge")
 # A learned variance doubles the model's channels: the prediction, then v per dimension.
 LEARNED_VARIANCES = ("learned", "learned_range")
 VARIANCES = FIXED_VARIANCES + LEARNED_VARIANCES
-WEIGHTINGS = ("elbo", "x0_mse", "eps_mse", "v_mse", "snr_trunc", "min_snr")
-
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"Unknown {name} {value!r}; expected one of {allowed}.")
+def check_batch_timesteps(
+    sched: Schedule, t: jax.Array, x: jax.Array, name: str = "t"
+) -> jax.Array:
+    """Checks per-example timesteps at trace time: shape [B], integer dtype, values in [0, T).
 
-
-def _check_t(sched: Schedule, t: jax.Array, x: jax.Array, name: str = "t") -> jax.Array:
-    """Validates timesteps at trace time: shape [B], integer dtype, values in [0, T) if known."""
+    The values are checked only when concrete (not traced). Returns `t` as an array.
+    """
     t = jnp.asarray(t) if not isinstance(t, jax.Array) else t
     batch = x.shape[0] if x.ndim else None
     if t.ndim != 1 or t.shape[0] != batch:
@@ -68,14 +63,6 @@ def _extract(coef: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
     return coef[t].reshape((x.shape[0],) + (1,) * (x.ndim - 1)).astype(x.dtype)
 
 
-def _mean_flat(x: jax.Array) -> jax.Array:
-    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
-
-
-def _sum_flat(x: jax.Array) -> jax.Array:
-    return jnp.sum(x, axis=tuple(range(1, x.ndim)))
-
-
 # --------------------------------------------------------------------------- forward process
 
 
@@ -92,7 +79,7 @@ def q_mean_variance(
     Returns:
       (mean, variance, log_variance), each float of x0's shape.
     """
-    t = _check_t(sched, t, x0)
+    t = check_batch_timesteps(sched, t, x0)
     mean = _extract(sched.sqrt_alphas_cumprod, t, x0) * x0
     # From coefficients computed in float64: 1 - ᾱ_t in float32 loses digits at small t.
     std = _extract(sched.sqrt_one_minus_alphas_cumprod, t, x0)
@@ -113,7 +100,7 @@ def q_sample(sched: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> 
     Returns:
       x_t, x0's shape and dtype.
     """
-    t = _check_t(sched, t, x0)
+    t = check_batch_timesteps(sched, t, x0)
     if noise.shape != x0.shape:
         raise ValueError(f"noise must have x0's shape {x0.shape}, got {noise.shape}.")
     return (
@@ -139,7 +126,7 @@ def q_posterior_mean_variance(
       (mean, variance, log_variance), each of x0's shape; the log-variance is clipped at the
       first step as in Ho et al. (`posterior_log_variance_clipped`).
     """
-    t = _check_t(sched, t, x0)
+    t = check_batch_timesteps(sched, t, x0)
     if x_t.shape != x0.shape:
         raise ValueError(f"x_t must have x0's shape {x0.shape}, got {x_t.shape}.")
     mean = (
@@ -156,7 +143,7 @@ def q_posterior_mean_variance(
 
 def eps_from_x0(sched: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
     """ε implied by x_0 at x_t: (x_t - sqrt(ᾱ_t) x_0)/sqrt(1 - ᾱ_t)."""
-    t = _check_t(sched, t, x_t)
+    t = check_batch_timesteps(sched, t, x_t)
     return (x_t - _extract(sched.sqrt_alphas_cumprod, t, x_t) * x0) / _extract(
         sched.sqrt_one_minus_alphas_cumprod, t, x_t
     )
@@ -164,7 +151,7 @@ def eps_from_x0(sched: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array) ->
 
 def x0_from_eps(sched: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
     """x_0 implied by ε at x_t: x_t/sqrt(ᾱ_t) - sqrt(1/ᾱ_t - 1) ε."""
-    t = _check_t(sched, t, x_t)
+    t = check_batch_timesteps(sched, t, x_t)
     return (
         _extract(sched.sqrt_recip_alphas_cumprod, t, x_t) * x_t
         - _extract(sched.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
@@ -173,7 +160,7 @@ def x0_from_eps(sched: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -
 
 def v_from_x0_eps(sched: Schedule, x0: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
     """The velocity v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho)."""
-    t = _check_t(sched, t, x0)
+    t = check_batch_timesteps(sched, t, x0)
     return (
         _extract(sched.sqrt_alphas_cumprod, t, x0) * eps
         - _extract(sched.sqrt_one_minus_alphas_cumprod, t, x0) * x0
@@ -182,7 +169,7 @@ def v_from_x0_eps(sched: Schedule, x0: jax.Array, eps: jax.Array, t: jax.Array) 
 
 def x0_from_v(sched: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
     """x_0 implied by v at x_t: sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v."""
-    t = _check_t(sched, t, x_t)
+    t = check_batch_timesteps(sched, t, x_t)
     return (
         _extract(sched.sqrt_alphas_cumprod, t, x_t) * x_t
         - _extract(sched.sqrt_one_minus_alphas_cumprod, t, x_t) * v
@@ -191,7 +178,7 @@ def x0_from_v(sched: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> ja
 
 def eps_from_v(sched: Schedule, x_t: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
     """ε implied by v at x_t: sqrt(1 - ᾱ_t) x_t + sqrt(ᾱ_t) v."""
-    t = _check_t(sched, t, x_t)
+    t = check_batch_timesteps(sched, t, x_t)
     return (
         _extract(sched.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
         + _extract(sched.sqrt_alphas_cumprod, t, x_t) * v
@@ -202,7 +189,7 @@ def prediction_to_x0(
     sched: Schedule, x_t: jax.Array, t: jax.Array, prediction: jax.Array, parameterization: str
 ) -> jax.Array:
     """x̂_0 from a model's prediction in the given parameterization ("x0", "eps" or "v")."""
-    _check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
+    check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
     if prediction.shape != x_t.shape:
         raise ValueError(
             f"The model prediction must have x_t's shape {x_t.shape}, got {prediction.shape}."
@@ -218,7 +205,7 @@ def x0_to_prediction(
     sched: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array, parameterization: str
 ) -> jax.Array:
     """The prediction target in `parameterization` that corresponds to x_0 at x_t."""
-    _check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
+    check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
     if parameterization == "x0":
         return x0
     eps = eps_from_x0(sched, x_t, t, x0)
@@ -241,7 +228,7 @@ class PMeanVariance(NamedTuple):
 
 def is_learned(variance: str) -> bool:
     """True for a variance the model predicts ("learned", "learned_range")."""
-    _check_choice(variance, VARIANCES, "variance")
+    check_choice(variance, VARIANCES, "variance")
     return variance in LEARNED_VARIANCES
 
 
@@ -291,8 +278,8 @@ def model_variance(
     at t = 0, where Ho et al. use the second step's posterior variance so that the decoder's
     log-variance is the same under both choices (β_1 when T = 1).
     """
-    t = _check_t(sched, t, x)
-    _check_choice(variance, FIXED_VARIANCES, "fixed variance")
+    t = check_batch_timesteps(sched, t, x)
+    check_choice(variance, FIXED_VARIANCES, "fixed variance")
     if variance == "fixedsmall":
         return (
             _extract(sched.posterior_variance, t, x),
@@ -329,13 +316,15 @@ def p_mean_variance(
       t: int [B] in [0, T).
       parameterization: what the model predicts: "x0", "eps" or "v".
       variance: "fixedsmall" or "fixedlarge" (see `model_variance`), or "learned" /
-        "learned_range" (see `learned_log_variance`).
+        "learned_range" (see `learned_log_variance`). The default, the true posterior's
+        variance, is the bound's; a trained model's config names its own (`sampling.sample`
+        defaults to Ho et al.'s "fixedlarge").
       clip_denoised: clip x̂_0 to [-1, 1] before forming the mean.
 
     Returns:
       `PMeanVariance(mean, variance, log_variance, pred_x0)`, each of x_t's shape.
     """
-    t = _check_t(sched, t, x_t)
+    t = check_batch_timesteps(sched, t, x_t)
     prediction, v = split_output(model_output, x_t, variance)
     pred_x0 = prediction_to_x0(sched, x_t, t, prediction, parameterization)
     if clip_denoised:
@@ -355,174 +344,3 @@ def p_mean_variance(
         log_variance=jnp.broadcast_to(log_var, x_t.shape),
         pred_x0=pred_x0,
     )
-
-
-# --------------------------------------------------------------------------- training loss
-
-
-def loss_weight(
-    sched: Schedule, t: jax.Array, weighting: str, *, min_snr_gamma: float = 5.0
-) -> jax.Array:
-    """w_t, the weight on ||x̂_0 - x_0||² in the weighted ELBO; float32 [B].
-
-    "elbo": T · C_t with C_t = coef1_t²/(2 σ_q²) = (SNR_{t-1} - SNR_t)/2 for t >= 1, so that
-      w_t ||x̂_0 - x_0||² summed over dimensions is T times the KL term L_{t-1} of the bound
-      (DESIGN.md); at t = 0 (the decoder) C_0 = 1/(2 σ_0²) with Ho et al.'s decoder variance,
-      the Gaussian approximation of -log p(x_0|x_1) up to a constant.
-    "x0_mse": 1. "eps_mse": SNR_t (Ho et al.'s L_simple: ||ε̂ - ε||² = SNR_t ||x̂_0 - x_0||²).
-    "v_mse": SNR_t + 1 (||v̂ - v||²). "snr_trunc": max(SNR_t, 1). "min_snr": min(SNR_t, γ).
-    """
-    _check_choice(weighting, WEIGHTINGS, "weighting")
-    snr = sched.snr[t]
-    if weighting == "elbo":
-        decoder_var = jnp.exp(sched.posterior_log_variance_clipped[0])
-        safe_var = jnp.where(t == 0, 1.0, sched.posterior_variance[t])  # σ_q² = 0 at t = 0.
-        c = jnp.where(
-            t == 0, 0.5 / decoder_var, sched.posterior_mean_coef1[t] ** 2 / (2.0 * safe_var)
-        )
-        return sched.num_timesteps * c
-    if weighting == "x0_mse":
-        return jnp.ones_like(snr)
-    if weighting == "eps_mse":
-        return snr
-    if weighting == "v_mse":
-        return snr + 1.0
-    if weighting == "snr_trunc":
-        return jnp.maximum(snr, 1.0)
-    return jnp.minimum(snr, min_snr_gamma)
-
-
-def _native_scale(sched: Schedule, t: jax.Array, parameterization: str) -> jax.Array:
-    """λ_t with ||pred - target||² = λ_t ||x̂_0 - x_0||² in the given parameterization, [B]."""
-    snr = sched.snr[t]
-    return {"x0": jnp.ones_like(snr), "eps": snr, "v": snr + 1.0}[parameterization]
-
-
-class Losses(NamedTuple):
-    """Per-example training losses and the timesteps they were drawn at."""
-
-    loss: jax.Array  # float32 [B]
-    t: jax.Array  # int32 [B]
-
-
-def training_losses(
-    model_fn: ModelFn,
-    sched: Schedule,
-    x0: jax.Array,
-    key: jax.Array,
-    *,
-    parameterization: str = "x0",
-    weighting: str = "elbo",
-    min_snr_gamma: float = 5.0,
-    variance: str = "fixedlarge",
-    vlb_weight: float = 0.0,
-    t: jax.Array | None = None,
-    noise: jax.Array | None = None,
-) -> Losses:
-    """One-sample estimate of the weighted ELBO E_t w_t ||x̂_θ(x_t, t) - x_0||², per example.
-
-    Draws t ~ U{0, …, T-1} and ε ~ N(0, I), forms x_t = q_sample(x_0, t, ε) and compares the
-    model's prediction with its target. The error is measured in the model's own
-    parameterization and rescaled exactly (||ε̂ - ε||² = SNR_t ||x̂_0 - x_0||², ||v̂ - v||² =
-    (SNR_t + 1) ||x̂_0 - x_0||²), so every parameterization gives the same loss for the same x̂_0
-    without dividing by a vanishing sqrt(ᾱ_t).
-
-    With weighting="elbo" the loss is summed over dimensions and is, in nats, an unbiased
-    estimate of the bound's diffusion terms Σ_{t>=1} L_{t-1} (plus the Gaussian approximation of
-    the decoder term at t = 0). Every other weighting is a mean over dimensions (a mean squared
-    error, Ho et al.'s convention for L_simple).
-
-    With a learned variance ("learned", "learned_range"; the model outputs 2C channels):
-    - weighting="elbo": the loss is T·L_t, the exact bound's term at t with the learned
-      variance (the KL, or the discretised decoder NLL at t = 0), in nats summed over
-      dimensions, so mean and variance are both trained on the true bound;
-    - any other weighting: the weighted MSE of the prediction plus `vlb_weight`·T·L_t in bits
-      per dimension (mean over dimensions), with a stop-gradient on the mean, so that the
-      mean is trained by the MSE alone and the variance by the bound. `vlb_weight` = 0.001 is
-      Nichol & Dhariwal's L_hybrid, at the scale of improved-diffusion's "rescaled MSE"
-      (L_t · T/1000 there).
-
-    Args:
-      model_fn: `model_fn(x_t, t) -> prediction`, x_t's shape.
-      sched: the schedule.
-      x0: clean data, float [B, ...].
-      key: PRNG key for t and ε.
-      parameterization: what the model predicts: "x0", "eps" or "v".
-      weighting: one of `WEIGHTINGS` (see `loss_weight`).
-      min_snr_gamma: γ of "min_snr".
-      variance: the reverse-process variance; a learned one adds the bound's term (above).
-      vlb_weight: λ >= 0 of the bound's term next to a weighted MSE (learned variances).
-      t: optional int [B] timesteps to use instead of drawing them.
-      noise: optional ε, x0's shape, to use instead of drawing it.
-
-    Returns:
-      `Losses(loss=float32 [B], t=int32 [B])`.
-    """
-    _check_choice(parameterization, PARAMETERIZATIONS, "parameterization")
-    _check_choice(weighting, WEIGHTINGS, "weighting")
-    learned = is_learned(variance)
-    if not vlb_weight >= 0.0 or (vlb_weight and (not learned or weighting == "elbo")):
-        raise ValueError(
-            f"vlb_weight={vlb_weight} must be >= 0, and 0 unless the variance is learned and "
-            f"the weighting is not 'elbo' (variance={variance!r}, weighting={weighting!r})."
-        )
-    t_key, noise_key = jax.random.split(key)
-    if t is None:
-        t = jax.random.randint(t_key, (x0.shape[0],), 0, sched.num_timesteps, dtype=jnp.int32)
-    t = _check_t(sched, t, x0)
-    if noise is None:
-        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-    x_t = q_sample(sched, x0, t, noise)
-    output = model_fn(x_t, t)
-    prediction, v = split_output(output, x0, variance)
-    if prediction.shape != x0.shape:
-        raise ValueError(
-            f"model_fn must return x_t's shape {x0.shape}, got {prediction.shape}; a model with "
-            "a learned variance returns 2C channels: pass variance='learned' or "
-            "'learned_range'."
-        )
-    if learned:
-        # The bound's terms live in `likelihood`, which builds on this module.
-        from ddpm_jax import likelihood
-
-        kw = dict(parameterization=parameterization, variance=variance, clip_denoised=False)
-        T = sched.num_timesteps
-        if weighting == "elbo":  # the true bound for mean and variance together.
-            bits = likelihood.vb_term_bpd(sched, x0, x_t, t, output, **kw)
-            return Losses(loss=T * bits * math.prod(x0.shape[1:]) * math.log(2.0), t=t)
-        frozen = jnp.concatenate([jax.lax.stop_gradient(prediction), v], axis=-1)
-        vlb = T * likelihood.vb_term_bpd(sched, x0, x_t, t, frozen, **kw)
-    target = x0_to_prediction(sched, x_t, t, x0, parameterization)
-    sq = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
-    err = _sum_flat(sq) if weighting == "elbo" else _mean_flat(sq)
-    w = loss_weight(sched, t, weighting, min_snr_gamma=min_snr_gamma)
-    loss = w / _native_scale(sched, t, parameterization) * err
-    return Losses(loss=loss + vlb_weight * vlb if learned else loss, t=t)
-
-
-# --------------------------------------------------------------------------- the bound, re-exported
-
-# `diffusion.bits_per_dim` and its companions are the public API's names for functions of
-# `ddpm_jax.likelihood`, which builds on this module; resolving them on first use (PEP 562)
-# keeps the import one-way.
-_LIKELIHOOD_NAMES = (
-    "BitsPerDim",
-    "approx_standard_normal_cdf",
-    "bits_per_dim",
-    "bits_per_dim_estimate",
-    "discretized_gaussian_log_likelihood",
-    "normal_kl",
-    "prior_bpd",
-)
-
-
-def __getattr__(name: str):
-    if name in _LIKELIHOOD_NAMES:
-        from ddpm_jax import likelihood
-
-        return getattr(likelihood, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LIKELIHOOD_NAMES])

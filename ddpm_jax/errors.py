@@ -2,7 +2,8 @@
 
 Every expected failure of a run that the user can fix (a bad config value, missing or bad
 data, a workdir that cannot be used as asked) raises a `UserError`. The entry points
-(`python -m ddpm_jax.main`, `.pretrained`, `.data`, `.fid`, `.benchmark`) print it as
+(`ddpm-jax`, `ddpm-jax-import`, `ddpm-jax-data`, `ddpm-jax-fid`, `ddpm-jax-benchmark`,
+`ddpm-jax-restart`, through `ddpm_jax.cli.run`) print it as
 `error: <message>` and exit with status 2, with no traceback unless `--verbose`; anything else
 is a bug and keeps its traceback. Each type also derives from the built-in exception a caller
 would expect (`ValueError`, `FileNotFoundError`), so `except ValueError` still catches it.
@@ -38,8 +39,13 @@ class WorkdirNotFoundError(UserError, FileNotFoundError):
     """A workdir (or what a mode needs in it: config.json, a checkpoint) does not exist."""
 
 
+class DependencyError(UserError, ImportError):
+    """An optional package that this command needs (torch for a conversion) is not installed."""
+
+
 class NonFiniteError(UserError, FloatingPointError):
-    """Training produced NaN/Inf; the run stopped without saving that state."""
+    """Training produced NaN/Inf (the loss, the gradient, a logged metric, or a state about to
+    be checkpointed); the run stopped without saving that state."""
 
 
 def one_line(error: BaseException) -> str:

@@ -10,10 +10,11 @@ every field with these, so that all messages read alike:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ddpm_jax.errors import ConfigError
@@ -134,11 +135,53 @@ def sha256(path: str, value: Any) -> str | None:
     return value.lower()
 
 
+# Where every field of every group is defined, with its default and what it means.
+DEFAULTS_FILE = "ddpm_jax/experiment/defaults.py"
+
+
 def unknown_fields(group: str, given: Sequence[str], known: Sequence[str]) -> None:
     """Raises naming the fields of `config.<group>` that are not among `known`."""
     unknown = sorted(set(given) - set(known))
     if unknown:
         raise ConfigError(
             f"config.{group} has unknown field(s) {unknown}; the known fields are "
-            f"{sorted(known)} (configs/default.py documents each)."
+            f"{sorted(known)} ({DEFAULTS_FILE} documents each)."
         )
+
+
+def group_values(config: Any, group: str) -> dict[str, Any]:
+    """The fields of `config.<group>` as a plain dict (config: a ConfigDict or a mapping)."""
+    if not isinstance(config, Mapping) and not hasattr(config, "keys"):
+        raise ConfigError(
+            f"a config must be an ml_collections ConfigDict of groups, got "
+            f"{type(config).__name__}; start from get_config() of {DEFAULTS_FILE}."
+        )
+    if group not in config.keys():
+        raise ConfigError(
+            f"config has no group {group!r} (it has {sorted(config.keys())}); every config "
+            f"starts from get_config() of {DEFAULTS_FILE}, which defines all the groups."
+        )
+    value = config[group]
+    if not isinstance(value, Mapping) and not hasattr(value, "to_dict"):
+        raise ConfigError(f"config.{group} must be a group of fields, got {value!r}.")
+    return dict(value.to_dict() if hasattr(value, "to_dict") else value)
+
+
+def view_of_group(cls: type, group: str, values: Mapping[str, Any], **given: Any) -> Any:
+    """The frozen view `cls(**values, **given)` of `config.<group>`, every field checked.
+
+    The views state no defaults (`defaults.py` is the one source): each field of `cls` not
+    in `given` (those come from another group) must be in `values`, and no other may be.
+
+    Raises:
+      ConfigError: unknown or missing fields, or a bad value (from the view's own checks).
+    """
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in given]
+    unknown_fields(group, list(values), names)
+    missing = [k for k in names if k not in values]
+    if missing:
+        raise ConfigError(
+            f"config.{group} is missing field(s) {missing}; start from get_config() of "
+            f"{DEFAULTS_FILE}, which defines every field."
+        )
+    return cls(**values, **given)

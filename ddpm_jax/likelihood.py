@@ -3,8 +3,10 @@ the prior term, the full T-step bound and its cheap unbiased estimates.
 
 -ELBO = L_T + Σ_{t>=1} L_t + L_0 with L_T = KL(q(x_T|x_0) || N(0, I)), the consistency terms
 L_t = KL(q(x_{t-1}|x_t, x_0) || p_θ(x_{t-1}|x_t)) and the decoder L_0 = -log p_θ(x_0|x_1) of
-8-bit data (Ho et al.). Pure functions of arrays, like `ddpm_jax.diffusion`, whose forward
-process, posterior and reverse step they use; conventions are those of that module.
+8-bit data (Ho et al.). Pure functions of arrays over `ddpm_jax.diffusion`'s forward process,
+posterior and reverse step; its conventions hold here. Every function takes the
+reverse-process `variance` of the model: fixed ("fixedsmall", "fixedlarge") or learned by the
+network ("learned", "learned_range", whose model outputs 2C channels).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion
-from ddpm_jax.diffusion import ModelFn, _check_choice, _mean_flat
+from ddpm_jax._base import ModelFn, check_choice, mean_flat
 from ddpm_jax.schedules import Schedule
 
 # --------------------------------------------------------------------------- likelihood pieces
@@ -77,7 +79,7 @@ def prior_bpd(sched: Schedule, x0: jax.Array) -> jax.Array:
     """L_T = KL(q(x_T|x_0) || N(0, I)) in bits per dimension, per example: float32 [B]."""
     t = jnp.full((x0.shape[0],), sched.num_timesteps - 1, dtype=jnp.int32)
     mean, _, log_var = diffusion.q_mean_variance(sched, x0, t)
-    return _mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / math.log(2.0)
+    return mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / math.log(2.0)
 
 
 # --------------------------------------------------------------------------- bits per dimension
@@ -143,8 +145,8 @@ def vb_term_bpd(
         variance=variance,
         clip_denoised=clip_denoised,
     )
-    kl = _mean_flat(normal_kl(true_mean, true_log_var, p.mean, p.log_variance)) / math.log(2.0)
-    nll = -_mean_flat(
+    kl = mean_flat(normal_kl(true_mean, true_log_var, p.mean, p.log_variance)) / math.log(2.0)
+    nll = -mean_flat(
         discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance)
     ) / math.log(2.0)
     return jnp.where(t == 0, nll, kl)
@@ -177,8 +179,8 @@ def bound_terms(
       timesteps: int [n] timesteps in [0, T) (may be traced).
       timestep_chunk: steps evaluated per model call.
     """
-    _check_choice(parameterization, diffusion.PARAMETERIZATIONS, "parameterization")
-    _check_choice(variance, diffusion.VARIANCES, "variance")
+    check_choice(parameterization, diffusion.PARAMETERIZATIONS, "parameterization")
+    check_choice(variance, diffusion.VARIANCES, "variance")
     if timestep_chunk < 1:
         raise ValueError(f"timestep_chunk must be >= 1, got {timestep_chunk}.")
     B, n = x0.shape[0], timesteps.shape[0]
@@ -233,7 +235,9 @@ def bits_per_dim(
       x0: data on the 8-bit grid scaled to [-1, 1], float [B, ...].
       key: PRNG key; step t uses `fold_in(key, t)`.
       parameterization: "x0", "eps" or "v".
-      variance: "fixedsmall" or "fixedlarge".
+      variance: the reverse-process variance, one of `diffusion.VARIANCES`: "fixedsmall" (the
+        default: the true posterior's), "fixedlarge", or a learned one ("learned",
+        "learned_range"; the model then outputs 2C channels).
       clip_denoised: clip x̂_0 to [-1, 1].
       timestep_chunk: steps evaluated per model call.
 
@@ -290,8 +294,8 @@ def bits_per_dim_estimate(
     Returns:
       float32 [B]: the per-example estimate in bits per dimension.
     """
-    _check_choice(parameterization, diffusion.PARAMETERIZATIONS, "parameterization")
-    _check_choice(variance, diffusion.VARIANCES, "variance")
+    check_choice(parameterization, diffusion.PARAMETERIZATIONS, "parameterization")
+    check_choice(variance, diffusion.VARIANCES, "variance")
     T, B = sched.num_timesteps, x0.shape[0]
     t_key, noise_key = jax.random.split(key)
     if t_probs is None:
@@ -356,8 +360,8 @@ def bits_per_dim_stratified(
     Returns:
       float32 [B]: the per-example estimate in bits per dimension.
     """
-    _check_choice(parameterization, diffusion.PARAMETERIZATIONS, "parameterization")
-    _check_choice(variance, diffusion.VARIANCES, "variance")
+    check_choice(parameterization, diffusion.PARAMETERIZATIONS, "parameterization")
+    check_choice(variance, diffusion.VARIANCES, "variance")
     T, B = sched.num_timesteps, x0.shape[0]
     if T == 1:
         return bits_per_dim(model_fn, sched, x0, key, parameterization=parameterization,

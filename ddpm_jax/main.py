@@ -1,18 +1,20 @@
-r"""Command-line entry point: train, sample from or evaluate a model, from an ml_collections config.
+r"""The `ddpm-jax` command: train, sample from or evaluate a model, from an ml_collections config.
 
-    python -m ddpm_jax.main --config=configs/digits.py --workdir=workdirs/digits
-    python -m ddpm_jax.main --workdir=workdirs/digits --mode=sample \
+    ddpm-jax train --config=configs/digits.py --workdir=workdirs/digits
+    ddpm-jax sample --workdir=workdirs/digits \
         --config.sampling.num_samples=1000 [--config.sampling.sampler=ddim ...]
-    python -m ddpm_jax.main --workdir=workdirs/digits --mode=eval
+    ddpm-jax eval --workdir=workdirs/digits
 
-Every other setting is `--config.group.field=value` (every field is documented in
-`ddpm_jax/experiment/defaults.py`). Training resumes from the newest checkpoint in
-`--workdir`; running the same command again continues an interrupted run. Sampling and
-evaluation take the model from the workdir's config.json, so `--config` is optional there
-(given, only its sampling, eval and mesh groups are used). Of the trained fields only
-`--config.diffusion.variance` and `--config.diffusion.clip_denoised` may change there. In a
-multi-process run (TPU pod, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/
-JAX_PROCESS_ID) every process runs this same command.
+`python -m ddpm_jax.main --mode=train|sample|eval ...` is the same command (`--mode` in place
+of the first word; without either, it trains). Every other setting is
+`--config.group.field=value` (every field is documented in `ddpm_jax/experiment/defaults.py`).
+Training resumes from the newest checkpoint in `--workdir`; running the same command again
+continues an interrupted run. Sampling and evaluation take the model from the workdir's
+config.json, so `--config` is optional there (given, only its sampling, eval and mesh groups
+are used). Of the trained fields only `--config.diffusion.variance` and
+`--config.diffusion.clip_denoised` may change there. In a multi-process run (TPU pod, SLURM,
+Open MPI, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID) every process runs this
+same command.
 
 Bad input (a config value, a path, a workdir in use) is reported as one line, `error: ...`,
 with exit status 2; `--verbose` shows the traceback.
@@ -27,7 +29,9 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from ddpm_jax import cli, errors
+from ddpm_jax import cli
+
+MODES = ("train", "sample", "eval")
 
 FLAGS = flags.FLAGS
 # The package's defaults stand in when --config is not given, so that --config.group.field=v
@@ -37,7 +41,7 @@ config_flags.DEFINE_config_file(
     "config", _DEFAULTS, "Experiment config file (required to train).", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to run.")
+flags.DEFINE_enum("mode", "train", list(MODES), "What to run (or give it as the first word).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -52,50 +56,40 @@ def command_line_overrides() -> dict[str, object]:
 def sampling_overrides(config) -> dict[str, object]:
     """The `--config.*` flags that a sampling or evaluation run applies to the workdir's config.
 
-    Without `--config`, all of them (`workdir.apply_overrides` refuses trained fields). With
-    it, its sampling/eval/mesh groups already carry theirs (`workdir.resolve_config`); of the
+    Without `--config`, all of them (`changes.apply_overrides` refuses trained fields). With
+    it, its sampling/eval/mesh groups already carry theirs (`changes.resolve_config`); of the
     trained fields only those a sampler may change, and only when given on the command line
     (a config file's own `diffusion.variance` must not replace a trained, learned one).
     """
     given = command_line_overrides()
     if config is None:
         return given
-    from ddpm_jax.runtime.workdir import SAMPLING_DIFFUSION_FIELDS
+    from ddpm_jax.experiment.changes import SAMPLING_DIFFUSION_FIELDS
 
     return {k: v for k, v in given.items() if k in SAMPLING_DIFFUSION_FIELDS}
-
-
-def load_config():
-    """The `--config` ConfigDict (None if not given), or one `error:` line if it fails to load."""
-    if not FLAGS["config"].present:
-        return None
-    try:
-        config = FLAGS.config
-        config.keys()  # a config that failed to load raises on first use.
-        return config
-    except Exception as e:  # a missing file, or an exception inside the config file itself.
-        name = config_flags.get_config_filename(FLAGS["config"])
-        cli.fail(f"--config={name}: {errors.one_line(e)}")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; settings go in --config.group.field=value.")
-    config = load_config()
+    config = cli.loaded_config("config")
     if config is None and FLAGS.mode == "train":
         cli.fail("--config is required to train, e.g. --config=configs/digits.py.")
-    from ddpm_jax.experiment import ExperimentConfig
+    from ddpm_jax import files
+    from ddpm_jax.experiment import ExperimentConfig, changes
     from ddpm_jax.runtime import workdir as wd
 
-    workdir = wd.resolve_path(FLAGS.workdir)
+    workdir = files.resolve_path(FLAGS.workdir)
     if config is not None:
-        config = wd.resolve_config_paths(config)
+        config = changes.resolve_config_paths(config)
     overrides = sampling_overrides(config)
     # Every field checked, before JAX even starts; sampling and evaluation check the config
     # they will run: the workdir's model and data, how to run from the command line.
     ExperimentConfig.from_config(
-        config if FLAGS.mode == "train" else wd.run_config(config, workdir, overrides)
+        config if FLAGS.mode == "train" else changes.run_config(config, workdir, overrides)
     )
+    if FLAGS.mode == "train":
+        wd.check_workdir(workdir)  # a path that cannot be a workdir fails before JAX starts.
     cli.prepare_jax()
     import jax
 
@@ -107,7 +101,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.mode == "train":
         from ddpm_jax.train import loop
 
-        loop.train_and_evaluate(config, workdir)
+        loop.train(config, workdir)
     elif FLAGS.mode == "eval":
         from ddpm_jax.evaluation import evaluate
 
@@ -119,8 +113,9 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """Console entry point (also `python -m ddpm_jax.main`)."""
-    cli.run(main, argv=sys.argv)
+    """The `ddpm-jax` console script: `ddpm-jax train|sample|eval ...` (also `python -m
+    ddpm_jax.main [--mode=...]`)."""
+    cli.run(main, argv=cli.subcommand_as_flag(sys.argv, "mode", MODES))
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ value goes back to the host between steps, shapes are static, and the noise of e
 `ReverseChain` that also runs in segments (one jitted call each, e.g. to show progress) with
 the same result. Which timesteps a chain visits is `ddpm_jax.timesteps`' job.
 
-Conventions (DESIGN.md): timesteps are integers t ∈ {0, …, T-1}, index t being the paper's
-step t+1; `model_fn(x_t, t) -> prediction` takes x_t float32 [B, ...] and t int32 [B].
+Conventions: timesteps are integers t ∈ {0, …, T-1}, index t being the paper's step t+1;
+`model_fn(x_t, t) -> prediction` takes x_t float32 [B, ...] and t int32 [B]. DDIM inversion
+(data -> latent) is `ddpm_jax.inversion.ddim_invert`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -34,24 +35,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion, schedules, solvers
-from ddpm_jax.timesteps import resolve_steps, respaced_schedule, spaced_timesteps
+from ddpm_jax._base import ModelFn, check_choice, timestep_vector
+from ddpm_jax.timesteps import resolve_steps
 
 __all__ = [
     "SAMPLERS",
     "ChainState",
     "ReverseChain",
     "Trajectory",
-    "ddim_invert",
     "guided_model_fn",
-    "respaced_schedule",
     "reverse_chain",
     "sample",
-    "spaced_timesteps",
 ]
 
 SAMPLERS = ("ancestral", "ddim", *solvers.SOLVERS)
-
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 class Trajectory(NamedTuple):
@@ -86,26 +83,17 @@ def _check_shape(shape) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
-def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"Unknown {name} {value!r}; expected one of {allowed}.")
-
-
 # --------------------------------------------------------------------------- one reverse step
-
-
-def _vec(v: jax.Array, batch: int) -> jax.Array:
-    return jnp.full((batch,), v, dtype=jnp.int32)
 
 
 def _ancestral_step(model_fn, sub, x, i, t, key, *, parameterization, variance, clip_denoised):
     """x at respaced index i (original timestep t) -> x at index i - 1, and x̂_0."""
-    out = model_fn(x, _vec(t, x.shape[0])).astype(x.dtype)
+    out = model_fn(x, timestep_vector(t, x.shape[0])).astype(x.dtype)
     p = diffusion.p_mean_variance(
         sub,
         out,
         x,
-        _vec(i, x.shape[0]),
+        timestep_vector(i, x.shape[0]),
         parameterization=parameterization,
         variance=variance,
         clip_denoised=clip_denoised,
@@ -120,14 +108,16 @@ def _predict_x0(model_fn, sub, x, i, t, *, parameterization, clip_denoised, vari
 
     A learned variance's channels are dropped: DDIM and the ODE solvers need only the mean.
     """
-    out, _ = diffusion.split_output(model_fn(x, _vec(t, x.shape[0])).astype(x.dtype), x, variance)
-    pred_x0 = diffusion.prediction_to_x0(sub, x, _vec(i, x.shape[0]), out, parameterization)
+    batch = x.shape[0]
+    out = model_fn(x, timestep_vector(t, batch)).astype(x.dtype)
+    out, _ = diffusion.split_output(out, x, variance)
+    pred_x0 = diffusion.prediction_to_x0(sub, x, timestep_vector(i, batch), out, parameterization)
     return jnp.clip(pred_x0, -1.0, 1.0) if clip_denoised else pred_x0
 
 
 def _ddim_step(model_fn, sub, x, i, t, key, *, parameterization, clip_denoised, variance, eta):
     """DDIM from respaced index i (original timestep t) to index i - 1, and x̂_0."""
-    i_vec = _vec(i, x.shape[0])
+    i_vec = timestep_vector(i, x.shape[0])
     pred_x0 = _predict_x0(
         model_fn, sub, x, i, t, parameterization=parameterization, clip_denoised=clip_denoised,
         variance=variance,
@@ -295,13 +285,13 @@ def reverse_chain(
     return_trajectory_every: int = 0,
 ) -> ReverseChain:
     """Checks the arguments of `sample` and builds its `ReverseChain` (see `sample`)."""
-    _check_choice(sampler, SAMPLERS, "sampler")
+    check_choice(sampler, SAMPLERS, "sampler")
     if sampler in solvers.SOLVERS:
         solvers.check_order(sampler, order)
     elif order != 2:
         raise ValueError(f"order={order!r} applies to {solvers.SOLVERS} only, not {sampler!r}.")
-    _check_choice(parameterization, diffusion.PARAMETERIZATIONS, "parameterization")
-    _check_choice(variance, diffusion.VARIANCES, "variance")
+    check_choice(parameterization, diffusion.PARAMETERIZATIONS, "parameterization")
+    check_choice(variance, diffusion.VARIANCES, "variance")
     shape = _check_shape(shape)
     if not isinstance(eta, int | float) or isinstance(eta, bool) or not eta >= 0.0:
         raise ValueError(f"eta must be a number >= 0, got {eta!r}.")
@@ -365,7 +355,8 @@ def sample(
       sched: the schedule of the full T-step chain the model was trained with.
       shape: static output shape (B, ...), e.g. (B, H, W, C).
       key: PRNG key.
-      parameterization: what the model predicts: "x0" (default, DESIGN.md), "eps" or "v".
+      parameterization: what the model predicts: "x0" (the default: the network is a
+        denoiser), "eps" or "v".
       variance: ancestral step variance: "fixedlarge" (default; σ_t² = β_t, Ho et al.'s
         choice for CIFAR-10), "fixedsmall" (σ_t² = σ_q²), or "learned" / "learned_range"
         (the model outputs 2C channels, the last C setting σ_t²; see
@@ -379,8 +370,9 @@ def sample(
       timesteps: explicit strictly increasing original timesteps to visit, instead of
         num_steps. The chain starts at the last one: include T - 1 to start from pure noise.
         Every sampler's last step goes from the first of them to the clean image.
-      timestep_spacing: how `num_steps` are chosen: "endpoints" (default), "even"
-        (Nichol & Dhariwal), "linspace", "leading" or "trailing" (diffusers').
+      timestep_spacing: how `num_steps` are chosen, one of `timesteps.SPACINGS`:
+        "endpoints" (default), "even" (Nichol & Dhariwal), "linspace", "leading" or
+        "trailing" (diffusers'), or "logsnr" (even in log-SNR).
       eta: DDIM's η >= 0 (0: deterministic); "ddim" only.
       order: 1, 2 (default) or 3, the order of "dpm_solver++" (its order 1 is DDIM with η = 0)
         and "unipc"; the other samplers take only the default.
@@ -393,7 +385,8 @@ def sample(
 
     Raises:
       ValueError: unknown sampler/parameterization/variance, bad shape, num_steps outside
-        [1, T], bad timesteps, eta < 0 or eta != 0 for "ancestral", x_T of the wrong shape.
+        [1, T], bad timesteps, eta < 0 or eta != 0 for a sampler other than "ddim", an order
+        other than 2 for a sampler other than the multistep solvers, x_T of the wrong shape.
     """
     chain = reverse_chain(
         model_fn,
@@ -412,86 +405,6 @@ def sample(
         return_trajectory_every=return_trajectory_every,
     )
     return chain.result(chain.run(chain.init(x_T), 0, chain.num_steps))
-
-
-def ddim_invert(
-    model_fn: ModelFn,
-    sched: schedules.Schedule,
-    x0: jax.Array,
-    *,
-    parameterization: str = "x0",
-    clip_denoised: bool = False,
-    num_steps: int | None = None,
-    timesteps: Sequence[int] | np.ndarray | None = None,
-    fixed_point_iters: int = 0,
-) -> jax.Array:
-    """Encodes data to a DDIM latent by running the deterministic (η = 0) chain forwards.
-
-    DDIM at η = 0 is the Euler discretisation of an ODE in (x/sqrt(ᾱ), sqrt((1-ᾱ)/ᾱ)); this
-    runs it from ᾱ = 1 (the data) up through the kept timesteps. The step to timestep t_i
-    evaluates the model at the current, less noisy, point with the label t_i (the only choice
-    at the first step, where no model exists for the data itself):
-    x_{t_i} = sqrt(ᾱ_{t_i}) (x - sqrt(1 - ᾱ_prev) ε̂)/sqrt(ᾱ_prev) + sqrt(1 - ᾱ_{t_i}) ε̂.
-    `sample(..., sampler="ddim", eta=0.0, x_T=latent)` over the same steps decodes it back,
-    with an error that shrinks as the number of steps grows.
-
-    The decoder's step from t_i evaluates the model at x_{t_i} itself, so the exact inverse
-    solves x_{t_i} = step(ε̂(x_{t_i}, t_i)); `fixed_point_iters` > 0 refines the Euler guess by
-    that many fixed-point iterations (one more model call each), which makes the
-    reconstruction near exact when the steps are small enough for the iteration to contract.
-
-    Args:
-      model_fn: `model_fn(x_t, t) -> prediction`, as in `sample`.
-      sched: the schedule of the full chain.
-      x0: data, float [B, ...].
-      parameterization: "x0", "eps" or "v".
-      clip_denoised: clip x̂_0 to [-1, 1] before forming ε̂ (default False: clipping breaks
-        the invertibility of the map).
-      num_steps, timesteps: the steps to visit, as in `sample` (default: all T).
-      fixed_point_iters: fixed-point refinements per step (default 0: plain DDIM inversion).
-
-    Returns:
-      The latent at the last kept timestep, float32 of x0's shape (not clipped).
-    """
-    _check_choice(parameterization, diffusion.PARAMETERIZATIONS, "parameterization")
-    if (
-        not isinstance(fixed_point_iters, int | np.integer)
-        or isinstance(fixed_point_iters, bool)
-        or fixed_point_iters < 0
-    ):
-        raise ValueError(f"fixed_point_iters must be an int >= 0, got {fixed_point_iters!r}.")
-    if x0.ndim < 1:
-        raise ValueError(f"x0 must have a batch dimension [B, ...], got shape {x0.shape}.")
-    sub, ts = resolve_steps(sched, num_steps, timesteps)
-    x0 = jnp.asarray(x0, jnp.float32)
-
-    def body(x, it):
-        i, t = it
-        i_vec, t_vec = _vec(i, x.shape[0]), _vec(t, x.shape[0])
-        prev = jnp.maximum(i - 1, 0)
-        std_prev = jnp.where(i > 0, sub.sqrt_one_minus_alphas_cumprod[prev], 0.0)
-        ac_prev = sub.alphas_cumprod_prev[i]
-
-        def eps_at(y):  # ε̂ of the model at y, labelled with the target timestep t.
-            out = model_fn(y, t_vec).astype(y.dtype)
-            pred_x0 = diffusion.prediction_to_x0(sub, y, i_vec, out, parameterization)
-            if clip_denoised:
-                pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
-            return diffusion.eps_from_x0(sub, y, i_vec, pred_x0)
-
-        def step(eps):
-            # x̂_0 implied by the current point at the previous level (ᾱ_prev = 1 at the data).
-            x0_prev = (x - std_prev * eps) / jnp.sqrt(ac_prev)
-            return sub.sqrt_alphas_cumprod[i] * x0_prev + sub.sqrt_one_minus_alphas_cumprod[i] * eps
-
-        x_next = step(eps_at(x))
-        if fixed_point_iters:
-            x_next = jax.lax.fori_loop(0, fixed_point_iters, lambda _, y: step(eps_at(y)), x_next)
-        return x_next, None
-
-    steps = (jnp.arange(ts.size, dtype=jnp.int32), jnp.asarray(ts, jnp.int32))
-    x_T, _ = jax.lax.scan(body, x0, steps)
-    return x_T
 
 
 def guided_model_fn(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, scale: float) -> ModelFn:

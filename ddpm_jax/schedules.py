@@ -1,6 +1,6 @@
 """Noise schedules: β_1..β_T and the `Schedule` pytree of every coefficient derived from them.
 
-Conventions (DESIGN.md): timesteps are integers t ∈ {0, …, T-1}; array index t is the paper's
+Conventions: timesteps are integers t ∈ {0, …, T-1}; array index t is the paper's
 step t+1, so `alphas_cumprod[t]` is ᾱ_{t+1}. Everything is computed in float64 numpy and stored as
 float32 `jax.Array`s, so the same `Schedule` passes through `jax.jit` as an ordinary argument.
 """

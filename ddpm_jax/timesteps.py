@@ -4,7 +4,7 @@ A chain of K < T steps keeps ᾱ at the steps it visits and recomputes β from i
 Dhariwal's respacing), so every sampler runs unchanged over the `respaced_schedule`, calling
 the model with the original timestep indices.
 
-Conventions (DESIGN.md): timesteps are integers t ∈ {0, …, T-1}, index t being the paper's
+Conventions: timesteps are integers t ∈ {0, …, T-1}, index t being the paper's
 step t+1.
 """
 

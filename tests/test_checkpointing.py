@@ -19,7 +19,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddpm_jax import errors
 from ddpm_jax.runtime import checkpointing, preemption, sharding
+from ddpm_jax.runtime import workdir as workdir_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -193,7 +195,7 @@ def test_partial_tmp_checkpoint_is_ignored_and_cleaned(tmp_path, mesh):
             ckpt.save(step, {"x": state["x"] + step, "n": jnp.int32(step)}, {"step": step})
     # A crash mid-write of step 3 leaves its tmp directory: copy step 2 under the tmp name
     # and damage it (truncate every file, drop the metadata), as a killed writer would.
-    ckpt_dir = checkpointing.checkpoint_dir(tmp_path)
+    ckpt_dir = workdir_lib.checkpoint_dir(tmp_path)
     tmp = os.path.join(ckpt_dir, "3.orbax-checkpoint-tmp")
     shutil.copytree(os.path.join(ckpt_dir, "2"), tmp)
     os.remove(os.path.join(tmp, "_CHECKPOINT_METADATA"))
@@ -212,7 +214,7 @@ def test_partial_tmp_checkpoint_is_ignored_and_cleaned(tmp_path, mesh):
         ckpt.wait_until_finished()
         assert ckpt.all_steps() == [1, 2, 3]
     assert not os.path.exists(tmp)
-    assert checkpointing.load_subtree(tmp_path, "n").item() == 3
+    assert checkpointing.restore_subtree(tmp_path, "n")[0].item() == 3
 
 
 def test_nonfinite_state_is_never_saved(tmp_path):
@@ -232,11 +234,9 @@ def test_nonfinite_state_is_never_saved(tmp_path):
         # Off-interval steps are skipped before any check, so a NaN there costs nothing...
         assert not ckpt.save(6, bad)
         # ...but a save that would write raises, naming the step and the leaves.
-        with pytest.raises(
-            checkpointing.NonFiniteStateError, match=r"step 10.*\['params'\]\['w'\]"
-        ):
+        with pytest.raises(errors.NonFiniteError, match=r"step 10.*\['params'\]\['w'\]"):
             ckpt.save(10, bad)
-        with pytest.raises(ValueError, match="last good checkpoint is step 5"):
+        with pytest.raises(errors.NonFiniteError, match="last good checkpoint is step 5"):
             ckpt.save(11, bad, force=True)
         ckpt.wait_until_finished()
         assert ckpt.all_steps() == [5]
@@ -257,12 +257,12 @@ def test_constructor_validates_policy(tmp_path):
         checkpointing.Checkpointer(tmp_path, save_every_steps=1, keep_period=-1)
 
 
-def test_load_subtree_restores_ema_params_alone(tmp_path, mesh):
+def test_restore_subtree_restores_ema_params_alone(tmp_path, mesh):
     state = _make_state(2)
     with checkpointing.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
         ckpt.save(2, state)
         ckpt.save(4, state.replace(ema_params=jax.tree.map(lambda x: x + 1, state.ema_params)))
-    ema = checkpointing.load_subtree(tmp_path, "ema_params", step=2)
+    ema = checkpointing.restore_subtree(tmp_path, "ema_params", step=2)[0]
     _assert_bit_exact(ema, state.ema_params)
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(ema))
     assert {d for x in jax.tree.leaves(ema) for d in x.sharding.device_set} == set(jax.devices())
@@ -274,15 +274,15 @@ def test_load_subtree_restores_ema_params_alone(tmp_path, mesh):
     target["w"] = jax.ShapeDtypeStruct(
         (16, 8), jnp.float32, sharding=NamedSharding(mesh, P("data"))
     )
-    latest = checkpointing.load_subtree(tmp_path, "ema_params", target)
+    latest = checkpointing.restore_subtree(tmp_path, "ema_params", target)[0]
     assert latest["w"].sharding.spec == P("data")
     np.testing.assert_array_equal(latest["w"], np.asarray(state.ema_params["w"]) + 1)
     with pytest.raises(KeyError, match=r"'emaparams'.*fields: \['ema_params', 'key'"):
-        checkpointing.load_subtree(tmp_path, "emaparams")
+        checkpointing.restore_subtree(tmp_path, "emaparams")[0]
     with pytest.raises(FileNotFoundError, match="step 3"):
-        checkpointing.load_subtree(tmp_path, "ema_params", step=3)
+        checkpointing.restore_subtree(tmp_path, "ema_params", step=3)[0]
     with pytest.raises(FileNotFoundError):
-        checkpointing.load_subtree(tmp_path / "nowhere", "ema_params")
+        checkpointing.restore_subtree(tmp_path / "nowhere", "ema_params")[0]
 
 
 def test_catch_termination_sets_flag_and_restores_handler():
@@ -353,7 +353,7 @@ def test_sigkill_mid_save_leaves_only_complete_checkpoints(tmp_path, mesh):
             assert int(got["step"]) == step == extra["step"]
             big = np.asarray(got["big"])
             assert big.min() == big.max() == step
-    assert not [n for n in os.listdir(checkpointing.checkpoint_dir(tmp_path)) if "tmp" in n]
+    assert not [n for n in os.listdir(workdir_lib.checkpoint_dir(tmp_path)) if "tmp" in n]
 
 
 _TWO_PROCESS_CHILD = """
@@ -368,6 +368,7 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import errors
 from ddpm_jax.runtime import checkpointing, sharding
 
 mesh = sharding.make_mesh()
@@ -393,7 +394,7 @@ with checkpointing.Checkpointer(workdir, save_every_steps=1, keep_last=1) as ckp
     try:
         ckpt.save(2, bad)
         raise AssertionError("NaN state was saved")
-    except checkpointing.NonFiniteStateError:
+    except errors.NonFiniteError:
         pass
     assert ckpt.save(3, dict(state, step=state["step"] + 3), {"pos": 3})
     ckpt.wait_until_finished()
@@ -403,7 +404,7 @@ assert extra == {"pos": 3} and int(got["step"]) == 3
 assert got["w"].sharding == abstract["w"].sharding
 w_saved = sharding.global_to_host(state["w"])
 np.testing.assert_array_equal(sharding.global_to_host(got["w"]), w_saved)
-w = checkpointing.load_subtree(workdir, "w")
+w = checkpointing.restore_subtree(workdir, "w")[0]
 assert w.sharding.is_fully_replicated and len(w.sharding.device_set) == 4
 np.testing.assert_array_equal(np.asarray(w), w_saved)
 print("OK", pid, flush=True)

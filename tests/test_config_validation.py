@@ -9,8 +9,9 @@ import time
 import pytest
 
 from configs import tiny
-from ddpm_jax import errors, train
+from ddpm_jax import errors
 from ddpm_jax.experiment import ExperimentConfig
+from ddpm_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +36,6 @@ def _delete(path):
 BAD = [
     (_set("data.name", ""), "data.name", "non-empty string"),
     (_set("data.split", ""), "data.split", "non-empty string"),
-    (_set("data.eval_split", 3), "data.eval_split", "non-empty string"),
     (_set("data.image_size", 0), "data.image_size", ">= 1"),
     (_set("data.image_size", -8), "data.image_size", "an integer >= 1"),
     (_set("data.channels", 0), "data.channels", ">= 1 and <= 4"),
@@ -145,8 +145,8 @@ BAD += [
     (_set("diffusion.vlb_weight", -0.1), "diffusion.vlb_weight", ">= 0"),
     (_set("diffusion.vlb_weight", 0.001), "diffusion.vlb_weight", "trains a learned variance"),
     (
-        _set("diffusion.timestep_sampler", "importance"),
-        "diffusion.timestep_sampler",
+        _set("diffusion.timestep_proposal", "importance"),
+        "diffusion.timestep_proposal",
         "'loss_aware'",
     ),
     (_set("data.source", "folders"), "data.source", "'folder', 'huggingface'"),
@@ -192,13 +192,13 @@ def test_training_checks_everything_before_writing_or_compiling(tmp_path):
     config.sampling.eta = -1.0  # used only by the sample grids at the end of training.
     start = time.perf_counter()
     with pytest.raises(ValueError, match=r"config\.sampling\.eta = -1\.0"):
-        train.train_and_evaluate(config, str(tmp_path / "w"))
+        loop.train(config, str(tmp_path / "w"))
     assert time.perf_counter() - start < 30
     assert not (tmp_path / "w").exists()
     config = tiny.get_config()
     config.training.batch_size = 12  # 8 fake devices.
     with pytest.raises(ValueError, match=r"batch_size = 12 must be divisible by .* 8"):
-        train.train_and_evaluate(config, str(tmp_path / "w"))
+        loop.train(config, str(tmp_path / "w"))
 
 
 def _main(args, cwd):
@@ -244,3 +244,42 @@ def test_verbose_shows_the_traceback(tmp_path):
     )
     assert result.returncode != 0 and "Traceback" in result.stderr
     assert "config.optim.b1 = 2.0" in result.stderr
+
+
+def test_a_config_file_that_is_not_python_is_one_line(tmp_path):
+    bad = tmp_path / "broken.py"
+    bad.write_text("def get_config(:\n    pass\n")
+    result = _main([f"--config={bad}", "--workdir=w"], cwd=str(tmp_path))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {bad}, line 1: ") and "not valid Python" in lines[0]
+
+
+@pytest.mark.parametrize("kind", ["a file", "not creatable"])
+def test_a_workdir_that_cannot_be_one_is_one_line_before_jax_starts(tmp_path, kind):
+    if kind == "a file":
+        workdir = tmp_path / "results.txt"
+        workdir.write_text("keep me")
+        expected = f"error: --workdir={workdir} is an existing file, not a directory"
+    else:  # /proc accepts no new directories, whoever runs the tests.
+        workdir = "/proc/ddpm_jax_workdir"
+        expected = f"error: --workdir={workdir} cannot be created"
+    result = _main(["--config=configs/tiny.py", f"--workdir={workdir}"], cwd=REPO)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(expected), lines
+    if kind == "a file":
+        assert workdir.read_text() == "keep me"
+
+
+def test_the_console_script_takes_the_mode_as_its_first_word(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "ddpm-jax")
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [script, *a], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    result = run("train", "--config=configs/tiny.py", "--workdir=w", "--config.optim.b1=2.0")
+    assert result.returncode == 2 and "error: config.optim.b1 = 2.0" in result.stderr
+    both = run("sample", "--mode=eval", f"--workdir={tmp_path}")
+    assert both.returncode == 2 and "not both" in both.stderr
+    missing = run("eval", f"--workdir={tmp_path / 'none'}")
+    assert missing.returncode == 2 and "config.json not found" in missing.stderr

@@ -19,11 +19,13 @@ import pytest
 from PIL import Image
 
 from configs import tiny
-from ddpm_jax import train
-from ddpm_jax.data import DataConfig, images, splits
+from ddpm_jax.data import DataConfig, decode, sources, splits
 from ddpm_jax.data import pipeline as ip
 from ddpm_jax.data import prepare as prep
+from ddpm_jax.data.config import DatasetInfo
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.experiment import defaults
+from ddpm_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = np.random.default_rng(0)
@@ -66,12 +68,14 @@ def folder(tmp_path_factory):
 
 def _data(path, **kw):
     fields = {"name": "mine", "source": "folder", "path": str(path), "image_size": 8}
-    return DataConfig(**{**fields, "channels": 3, **kw})
+    return DataConfig.from_dict(
+        defaults.group("data", **{**fields, "channels": 3, "random_flip": False, **kw})
+    )
 
 
 def _oracle(path, size=8, channels=3):
     with Image.open(path) as im:
-        return images.to_array(im, size, channels)
+        return decode.to_array(im, size, channels)
 
 
 def _examples(source):
@@ -82,10 +86,10 @@ def _examples(source):
 
 
 def test_folder_lists_every_image_sorted_and_decodes_each_like_the_tfds_path(folder):
-    source, info = ip.open_split(_data(folder))
+    source, info = sources.open_split(_data(folder))
     expected = sorted(rel for rel, _, _ in FILES)
     assert list(source.files) == expected and info.num_examples == len(FILES)
-    assert info == ip.DatasetInfo(f"folder:{folder}", "train", len(FILES), 8, 3, 0)
+    assert info == DatasetInfo(f"folder:{folder}", "train", len(FILES), 8, 3, 0)
     for rel, example in zip(source.files, _examples(source), strict=True):
         image = example["image"]
         assert image.shape == (8, 8, 3) and image.dtype == np.uint8 and "label" not in example
@@ -94,9 +98,9 @@ def test_folder_lists_every_image_sorted_and_decodes_each_like_the_tfds_path(fol
     with Image.open(os.path.join(folder, "cats/a.png")) as im:
         np.testing.assert_array_equal(source[0]["image"], np.asarray(im))
     with Image.open(os.path.join(folder, "dogs/04.png")) as im:  # 12×9: crop then resize
-        want = images.center_crop_resize(np.asarray(im), 8)
+        want = decode.center_crop_resize(np.asarray(im), 8)
     np.testing.assert_array_equal(source[expected.index("dogs/04.png")]["image"], want)
-    grey, _ = ip.open_split(_data(folder, channels=1))
+    grey, _ = sources.open_split(_data(folder, channels=1))
     assert grey[2]["image"].shape == (8, 8, 1)
     # RGBA loses its alpha, palette images are expanded: both become plain RGB.
     with Image.open(os.path.join(folder, "cats/deep/d.PNG")) as im:
@@ -107,14 +111,14 @@ def test_folder_lists_every_image_sorted_and_decodes_each_like_the_tfds_path(fol
 
 def test_labels_from_first_level_folders(folder):
     data = _data(folder, labels_from_folders=True)
-    source, info = ip.open_split(data, num_classes=2)
+    source, info = sources.open_split(data, num_classes=2)
     assert info.num_classes == 2
     labels = [source[i]["label"] for i in range(len(source))]
     assert labels == [0 if f.startswith("cats/") else 1 for f in source.files]
     with pytest.raises(ValueError, match=r"config\.model\.num_classes=3 .* 2 label classes"):
-        ip.get_dataset_info(data, num_classes=3)
+        sources.get_dataset_info(data, num_classes=3)
     with pytest.raises(ValueError, match="labels_from_folders=True"):
-        ip.get_dataset_info(_data(folder), num_classes=2)
+        sources.get_dataset_info(_data(folder), num_classes=2)
 
 
 def test_loose_files_with_labels_from_folders_are_refused(tmp_path):
@@ -122,22 +126,22 @@ def test_loose_files_with_labels_from_folders_are_refused(tmp_path):
     _image("RGB", (8, 8)).save(tmp_path / "cls" / "a.png")
     _image("RGB", (8, 8)).save(tmp_path / "loose.png")
     with pytest.raises(ValueError, match=r"directly in it, e.g. 'loose\.png'"):
-        ip.get_dataset_info(_data(tmp_path, labels_from_folders=True))
+        sources.get_dataset_info(_data(tmp_path, labels_from_folders=True))
 
 
 def test_held_out_split_is_a_stable_hash_of_the_path(folder):
     data = _data(folder, eval_fraction=0.3)
-    train_src, _ = ip.open_split(data)
-    test_src, info = ip.open_split(data, "test")
+    train_src, _ = sources.open_split(data)
+    test_src, info = sources.open_split(data, "test")
     assert info.split == "test" and len(test_src) > 0
     assert sorted(train_src.files + test_src.files) == sorted(r for r, _, _ in FILES)
     assert all(splits.held_out(f, 0.3) for f in test_src.files)
     assert not any(splits.held_out(f, 0.3) for f in train_src.files)
-    with pytest.raises(ValueError, match=r"config\.data\.eval_split='test' .* is empty.*"
+    with pytest.raises(ValueError, match=r"config\.eval\.split='test' .* is empty.*"
                                          "eval_fraction"):  # fmt: skip
-        ip.get_dataset_info(_data(folder), "test")
+        sources.get_dataset_info(_data(folder), "test")
     with pytest.raises(ValueError, match=r"config\.data\.split='validation'.*\['train', 'test'\]"):
-        ip.get_dataset_info(_data(folder, split="validation"))
+        sources.get_dataset_info(_data(folder, split="validation"))
 
 
 def test_folder_batches_are_pure_in_seed_and_step_and_work_in_worker_processes(folder):
@@ -150,7 +154,7 @@ def test_folder_batches_are_pure_in_seed_and_step_and_work_in_worker_processes(f
                                seed=3) for _ in range(2))  # fmt: skip
     for step in (0, 4, 17):
         np.testing.assert_array_equal(a.get_batch(step)["image"], b.get_batch(step)["image"])
-    source, _ = ip.open_split(data)
+    source, _ = sources.open_split(data)
     copy = pickle.loads(pickle.dumps(source))
     np.testing.assert_array_equal(copy[5]["image"], source[5]["image"])
     it = a.iterator(2)  # one Grain worker process
@@ -169,12 +173,12 @@ def test_folder_resume_is_bit_identical(folder, tmp_path):
     config.training.sample_every_steps = 0
     config.training.num_train_steps, config.training.checkpoint_every_steps = 2, 1
     workdir = str(tmp_path / "run")
-    full = train.train_and_evaluate(config, workdir)
+    full = loop.train(config, workdir)
     with open(os.path.join(folder, "cats", "later.txt"), "w") as f:
         f.write("a new file that is not an image changes nothing")
     os.utime(os.path.join(folder, "cats", "a.png"))  # nor does a touched one
     config.training.resume_step = 1  # a fresh start from step 1's checkpoint: step 2
-    resumed = train.train_and_evaluate(config, workdir)
+    resumed = loop.train(config, workdir)
     assert int(resumed.step) == 2
     leaves, want = jax.tree.leaves(resumed), jax.tree.leaves(full)
     assert len(leaves) == len(want) > 3
@@ -216,7 +220,7 @@ def _corrupt_folder(tmp_path, n=10):
 )
 def test_missing_empty_and_imageless_folders(tmp_path, make, error, match):
     with pytest.raises(error, match=match):
-        ip.get_dataset_info(_data(make(tmp_path)))
+        sources.get_dataset_info(_data(make(tmp_path)))
 
 
 def test_unreadable_images_are_named_before_anything_is_written(tmp_path):
@@ -225,28 +229,28 @@ def test_unreadable_images_are_named_before_anything_is_written(tmp_path):
     (root / "a.png").write_bytes(b"not a png")
     (root / "b.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match=r"holds no readable image: .*a\.png \(cannot ident"):
-        ip.get_dataset_info(_data(root))
+        sources.get_dataset_info(_data(root))
     _corrupt_folder(root)
     start = time.perf_counter()
     config = tiny.get_config()
     config.data.source, config.data.path = "folder", str(root)
     with pytest.raises(ValueError, match=r"2 unreadable image file\(s\) among 12: .*a\.png"):
-        train.train_and_evaluate(config, str(tmp_path / "w"))
+        loop.train(config, str(tmp_path / "w"))
     assert time.perf_counter() - start < 10 and not (tmp_path / "w").exists()
 
 
 def test_a_truncated_file_fails_when_read_naming_it(tmp_path):
     _truncated_jpeg(tmp_path / "t.jpg")
-    source, _ = ip.open_split(_data(tmp_path))
+    source, _ = sources.open_split(_data(tmp_path))
     with pytest.raises(ValueError, match=r"cannot decode image file .*t\.jpg"):
         source[0]
 
 
 def test_fewer_images_than_one_global_batch(tmp_path):
     data = _data(_corrupt_folder(tmp_path, 5))
-    assert ip.get_dataset_info(data).num_examples == 5
+    assert sources.get_dataset_info(data).num_examples == 5
     with pytest.raises(ValueError, match=r"has 5 images, fewer than one global batch.*=8"):
-        ip.get_dataset_info(data, global_batch_size=8)
+        sources.get_dataset_info(data, global_batch_size=8)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         ip.make_train_data(data, global_batch_size=8, process_index=0, process_count=1, seed=0)
 
@@ -281,7 +285,7 @@ def test_the_command_line_prints_one_error_line_and_writes_nothing(tmp_path):
 )
 def test_bad_source_fields_name_the_field(fields, match):
     with pytest.raises(ConfigError, match=match):
-        DataConfig(**{"name": "digits", **fields})
+        DataConfig.from_dict(defaults.group("data", **{"name": "digits", **fields}))
 
 
 # ---------------------------------------------------------------- prepare → arrayrecord
@@ -301,8 +305,10 @@ def test_prepare_round_trip_gives_the_folder_pixels(folder, tmp_path):
     info = json.loads((out / "info.json").read_text())
     assert info["class_names"] == ["cats", "dogs"] and info["encoding"] == "raw"
     for split in ("train", "test"):
-        want, _ = ip.open_split(_data(folder, labels_from_folders=True, eval_fraction=0.3), split)
-        got, got_info = ip.open_split(_data(out, source="arrayrecord"), split, num_classes=2)
+        want, _ = sources.open_split(
+            _data(folder, labels_from_folders=True, eval_fraction=0.3), split
+        )
+        got, got_info = sources.open_split(_data(out, source="arrayrecord"), split, num_classes=2)
         assert got_info.num_examples == len(want) == info["splits"][split]["num_examples"]
         for a, b in zip(_examples(want), _examples(got), strict=True):
             np.testing.assert_array_equal(a["image"], b["image"])
@@ -311,17 +317,17 @@ def test_prepare_round_trip_gives_the_folder_pixels(folder, tmp_path):
     # PNG records, and the process pool: the same pixels again.
     png = prep.prepare(_data(folder), str(tmp_path / "png"), encoding="png", workers=1)
     assert png["num_classes"] == 0 and list(png["splits"]) == ["train"]
-    source, _ = ip.open_split(_data(tmp_path / "png", source="arrayrecord"))
-    want, _ = ip.open_split(_data(folder))
+    source, _ = sources.open_split(_data(tmp_path / "png", source="arrayrecord"))
+    want, _ = sources.open_split(_data(folder))
     np.testing.assert_array_equal(source[len(source) - 1]["image"], want[len(want) - 1]["image"])
     with pytest.raises(ValueError, match="exists and is not empty"):
         prep.prepare(_data(folder), str(out))
     with pytest.raises(ValueError, match=r"image_size=16 but .* prepared with image_size=8"):
-        ip.get_dataset_info(_data(out, source="arrayrecord", image_size=16))
+        sources.get_dataset_info(_data(out, source="arrayrecord", image_size=16))
     with pytest.raises(ValueError, match=r"'validation' is not a split .* \['test', 'train'\]"):
-        ip.get_dataset_info(_data(out, source="arrayrecord"), "validation")
+        sources.get_dataset_info(_data(out, source="arrayrecord"), "validation")
     with pytest.raises(ValueError, match="is not a dataset prepared by"):
-        ip.get_dataset_info(_data(folder, source="arrayrecord"))
+        sources.get_dataset_info(_data(folder, source="arrayrecord"))
 
 
 def test_prepare_stops_at_a_file_that_does_not_decode(tmp_path):
@@ -361,18 +367,18 @@ def _hf(path, **kw):
 
 def test_huggingface_saved_dataset_decodes_like_the_folder_source(hf_saved):
     root, pil = hf_saved
-    source, info = ip.open_split(_hf(root / "single"), num_classes=3)
-    assert info == ip.DatasetInfo(f"huggingface:{root / 'single'}", "train", 24, 8, 3, 3)
+    source, info = sources.open_split(_hf(root / "single"), num_classes=3)
+    assert info == DatasetInfo(f"huggingface:{root / 'single'}", "train", 24, 8, 3, 3)
     for i, example in enumerate(_examples(source)):
         stored = Image.open(io.BytesIO(source.dataset.data.column("img")[i].as_py()["bytes"]))
-        np.testing.assert_array_equal(example["image"], images.to_array(stored, 8, 3))
+        np.testing.assert_array_equal(example["image"], decode.to_array(stored, 8, 3))
         assert example["label"] == i % 3
     np.testing.assert_array_equal(source[0]["image"], np.asarray(pil[0]))  # 8×8 RGB, lossless
     copy = pickle.loads(pickle.dumps(source))
     np.testing.assert_array_equal(copy[7]["image"], source[7]["image"])
-    held = ip.open_split(_hf(root / "single", eval_fraction=0.25), "test")[0]
+    held = sources.open_split(_hf(root / "single", eval_fraction=0.25), "test")[0]
     assert list(held.rows) == [i for i in range(24) if splits.held_out(str(i), 0.25)]
-    valid, info = ip.open_split(_hf(root / "dict", split="valid"))
+    valid, info = sources.open_split(_hf(root / "dict", split="valid"))
     assert info.num_examples == 8 and info.num_classes == 3
     np.testing.assert_array_equal(valid[0]["image"], source[16]["image"])
     data = ip.make_train_data(_hf(root / "dict"), global_batch_size=8, process_index=1,
@@ -383,21 +389,21 @@ def test_huggingface_saved_dataset_decodes_like_the_folder_source(hf_saved):
 def test_huggingface_bad_input(hf_saved, tmp_path):
     root, _ = hf_saved
     with pytest.raises(ValueError, match=r"no column 'image' .* \['img', 'fine', 'caption'\]"):
-        ip.get_dataset_info(_data(root / "single", source="huggingface"))
+        sources.get_dataset_info(_data(root / "single", source="huggingface"))
     with pytest.raises(ValueError, match=r"'test' is not a split .* \['train', 'valid'\]"):
-        ip.get_dataset_info(_hf(root / "dict"), "test")
+        sources.get_dataset_info(_hf(root / "dict"), "test")
     with pytest.raises(ValueError, match="'caption' holds string, not class indices"):
-        ip.get_dataset_info(_hf(root / "single", label_key="caption"), num_classes=3)
-    assert ip.get_dataset_info(_hf(root / "single", label_key=None)).num_classes == 0
+        sources.get_dataset_info(_hf(root / "single", label_key="caption"), num_classes=3)
+    assert sources.get_dataset_info(_hf(root / "single", label_key=None)).num_classes == 0
     with pytest.raises(ValueError, match="not a directory written by datasets' save_to_disk"):
-        ip.get_dataset_info(_hf(tmp_path))
+        sources.get_dataset_info(_hf(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ip.get_dataset_info(_hf(tmp_path / "nope"))
+        sources.get_dataset_info(_hf(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"does not decode|cannot identify|not uint8"):
-        ip.get_dataset_info(_hf(root / "single", image_key="caption"))
+        sources.get_dataset_info(_hf(root / "single", image_key="caption"))
     start = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=r"load_dataset\('someone/absent'.*save_to_disk"):
-        ip.get_dataset_info(_hf("hf://someone/absent", data_dir=str(tmp_path)))
+        sources.get_dataset_info(_hf("hf://someone/absent", data_dir=str(tmp_path)))
     assert time.perf_counter() - start < 5
 
 
@@ -416,9 +422,9 @@ def test_huggingface_hub_name_from_the_datasets_cache(hf_saved, tmp_path):
     entry = tmp_path / "cache" / "someone___fake" / "default" / "0.0.0" / "abc"
     shutil.copytree(built, entry)
     os.rename(entry / "arrow-train.arrow", entry / "fake-train.arrow")
-    source, info = ip.open_split(_hf("hf://someone/fake", data_dir=str(tmp_path / "cache")))
+    source, info = sources.open_split(_hf("hf://someone/fake", data_dir=str(tmp_path / "cache")))
     assert info.num_examples == 24 and info.num_classes == 3
-    single, _ = ip.open_split(_hf(root / "single"))
+    single, _ = sources.open_split(_hf(root / "single"))
     np.testing.assert_array_equal(source[5]["image"], single[5]["image"])
 
 
@@ -426,8 +432,8 @@ def test_prepare_from_huggingface(hf_saved, tmp_path):
     root, _ = hf_saved
     info = prep.prepare(_hf(root / "dict", channels=1), str(tmp_path / "out"), workers=0)
     assert sorted(info["splits"]) == ["train", "valid"] and info["class_names"] == ["a", "b", "c"]
-    got, _ = ip.open_split(_data(tmp_path / "out", source="arrayrecord", channels=1), "valid")
-    want, _ = ip.open_split(_hf(root / "dict", channels=1, split="valid"))
+    got, _ = sources.open_split(_data(tmp_path / "out", source="arrayrecord", channels=1), "valid")
+    want, _ = sources.open_split(_hf(root / "dict", channels=1, split="valid"))
     for a, b in zip(_examples(want), _examples(got), strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         assert a["label"] == b["label"]

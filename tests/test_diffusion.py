@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import assert_f32_close
 
-from ddpm_jax import diffusion, likelihood, schedules
+from ddpm_jax import diffusion, likelihood, losses, schedules
 
 T = 1000
 SCHED = schedules.make_schedule(schedules.get_beta_schedule("linear", T))
@@ -123,14 +124,14 @@ def test_kl_term_equals_c_t_times_squared_x0_error_for_every_t():
             SCHED, out, x_t, t, parameterization=p, variance="fixedsmall"
         )
         kls[p] = np.asarray(
-            jnp.sum(diffusion.normal_kl(q_mean, q_log_var, pm.mean, pm.log_variance), 1)
+            jnp.sum(likelihood.normal_kl(q_mean, q_log_var, pm.mean, pm.log_variance), 1)
         )
     np.testing.assert_allclose(kls["x0"], expected, rtol=2e-3, atol=1e-6)
     # ε and v models that imply the same x̂_0 give the same KL.
     np.testing.assert_allclose(kls["eps"], kls["x0"], rtol=2e-2, atol=1e-4)
     np.testing.assert_allclose(kls["v"], kls["x0"], rtol=2e-3, atol=1e-6)
     # And the training weight is exactly T·C_t.
-    w = diffusion.loss_weight(SCHED, t, "elbo") / T
+    w = losses.loss_weight(SCHED, t, "elbo") / T
     np.testing.assert_allclose(np.asarray(w), c_t(np.arange(1, T)), rtol=1e-4)
 
 
@@ -145,12 +146,10 @@ def test_weightings_are_snr_functions():
         "min_snr": np.minimum(snr, 5.0),
     }
     for w, e in expected.items():
-        np.testing.assert_allclose(np.asarray(diffusion.loss_weight(SCHED, t, w)), e, rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(losses.loss_weight(SCHED, t, w)), e, rtol=1e-4)
     # The decoder weight: 1/(2σ_1²) with Ho et al.'s clipped decoder variance σ̃_2².
     pv1 = BETAS64[1] * (1 - AC64[0]) / (1 - AC64[1])
-    assert float(diffusion.loss_weight(SCHED, t, "elbo")[0]) == pytest.approx(
-        T / (2 * pv1), rel=1e-4
-    )
+    assert float(losses.loss_weight(SCHED, t, "elbo")[0]) == pytest.approx(T / (2 * pv1), rel=1e-4)
 
 
 @pytest.mark.parametrize("p", diffusion.PARAMETERIZATIONS)
@@ -163,7 +162,7 @@ def test_eps_mse_is_l_simple_and_losses_agree_across_parameterizations(p):
     eps_hat = noise + 0.05 * jax.random.normal(jax.random.fold_in(key, 2), x0.shape)
     x0_hat = diffusion.x0_from_eps(SCHED, x_t, t, eps_hat)
     model = lambda xt, tt: diffusion.x0_to_prediction(SCHED, xt, tt, x0_hat, p)  # noqa: E731
-    got = diffusion.training_losses(
+    got = losses.training_losses(
         model, SCHED, x0, key, parameterization=p, weighting="eps_mse", t=t, noise=noise
     )
     l_simple = np.mean(np.square(np.asarray(eps_hat - noise)), axis=(1, 2, 3))
@@ -179,10 +178,10 @@ def test_training_loss_with_optimal_denoiser_is_minimal_and_analytic():
     noise = jax.random.normal(jax.random.fold_in(key, 2), x0.shape)
 
     def mean_loss(model_fn, weighting):
-        losses = diffusion.training_losses(
+        out = losses.training_losses(
             model_fn, SCHED, x0, key, weighting=weighting, t=t, noise=noise
         )
-        return float(jnp.mean(losses.loss))
+        return float(jnp.mean(out.loss))
 
     # E[loss | t] = T C_t d Var[x_0|x_t]; average the closed form over the same t.
     tt = np.asarray(t)
@@ -206,7 +205,7 @@ def test_bits_per_dim_terms_match_theory_for_gaussian_data():
     n, d = 512, 4
     x0 = _discretize(M + S * jax.random.normal(key, (n, d)))
     bpd = jax.jit(
-        lambda x, k: diffusion.bits_per_dim(
+        lambda x, k: likelihood.bits_per_dim(
             gaussian_denoiser(SCHED), SCHED, x, k, timestep_chunk=100
         )
     )(x0, jax.random.fold_in(key, 1))
@@ -242,7 +241,7 @@ def test_bits_per_dim_terms_match_theory_for_gaussian_data():
     entropy_bits = -np.sum(p[p > 0] * np.log2(p[p > 0]))
     total = float(bpd.total.mean())
     assert total > entropy_bits - 0.05
-    worse = diffusion.bits_per_dim(
+    worse = likelihood.bits_per_dim(
         gaussian_denoiser(SCHED, gain=0.9),
         SCHED,
         x0,
@@ -259,24 +258,24 @@ def test_bits_per_dim_chunking_and_estimate_are_consistent():
     key = jax.random.PRNGKey(6)
     x0 = _discretize(M + S * jax.random.normal(key, (8, 3)))
     model = gaussian_denoiser(sched, gain=0.95)
-    a = diffusion.bits_per_dim(model, sched, x0, key, timestep_chunk=1)
-    b = diffusion.bits_per_dim(model, sched, x0, key, timestep_chunk=7)  # 30 = 4·7 + 2
-    np.testing.assert_allclose(np.asarray(a.terms), np.asarray(b.terms), rtol=1e-5, atol=1e-7)
+    a = likelihood.bits_per_dim(model, sched, x0, key, timestep_chunk=1)
+    b = likelihood.bits_per_dim(model, sched, x0, key, timestep_chunk=7)  # 30 = 4·7 + 2
+    assert_f32_close(a.terms, b.terms)
     # The one-sample estimate is unbiased, uniform or importance-sampled: its mean over many
     # keys equals the mean of the full bound over many keys.
-    full = jax.vmap(lambda k: diffusion.bits_per_dim(model, sched, x0, k, timestep_chunk=30).total)(
-        jax.random.split(jax.random.fold_in(key, 2), 256)
-    )
+    full = jax.vmap(
+        lambda k: likelihood.bits_per_dim(model, sched, x0, k, timestep_chunk=30).total
+    )(jax.random.split(jax.random.fold_in(key, 2), 256))
     keys = jax.random.split(jax.random.fold_in(key, 1), 8000)
     probs = jnp.linspace(3.0, 1.0, 30) / jnp.linspace(3.0, 1.0, 30).sum()
     for p in [None, probs]:
         est = jax.vmap(
-            lambda k, p=p: diffusion.bits_per_dim_estimate(model, sched, x0, k, t_probs=p)
+            lambda k, p=p: likelihood.bits_per_dim_estimate(model, sched, x0, k, t_probs=p)
         )(keys)
         assert float(est.mean()) == pytest.approx(float(full.mean()), rel=0.05)
     # The stratified estimate too, with a far smaller spread than the one-sample estimate.
     strat = jax.vmap(lambda k: likelihood.bits_per_dim_stratified(model, sched, x0, k))(keys[:2000])
-    one = jax.vmap(lambda k: diffusion.bits_per_dim_estimate(model, sched, x0, k))(keys[:2000])
+    one = jax.vmap(lambda k: likelihood.bits_per_dim_estimate(model, sched, x0, k))(keys[:2000])
     assert float(strat.mean()) == pytest.approx(float(full.mean()), rel=0.01)
     assert float(strat.std()) < 0.2 * float(one.std())
 
@@ -286,12 +285,12 @@ def test_bound_terms_of_any_split_of_the_timesteps_add_up_to_the_bound():
     key = jax.random.PRNGKey(7)
     x0 = _discretize(M + S * jax.random.normal(key, (4, 3)))
     model = gaussian_denoiser(sched, gain=0.9)
-    full = diffusion.bits_per_dim(model, sched, x0, key, timestep_chunk=6)
+    full = likelihood.bits_per_dim(model, sched, x0, key, timestep_chunk=6)
     parts = [
         likelihood.bound_terms(model, sched, x0, key, jnp.asarray(ts), timestep_chunk=4)
         for ts in ([0, 1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19])
     ]
-    np.testing.assert_allclose(np.concatenate(parts, axis=1), full.terms, rtol=1e-6, atol=1e-7)
+    assert_f32_close(np.concatenate(parts, axis=1), full.terms)
     assert likelihood.stratum_edges(1000, 8).tolist() == [1, 2, 6, 13, 32, 75, 178, 422, 1000]
 
 
@@ -315,7 +314,7 @@ def test_discretized_gaussian_likelihood_sums_to_one_over_the_grid():
     grid = jnp.arange(256, dtype=jnp.float32) / 127.5 - 1
     for mean, log_scale in [(0.0, -1.0), (0.9, -3.0), (-0.5, -5.0)]:
         for exact in [False, True]:
-            logp = diffusion.discretized_gaussian_log_likelihood(
+            logp = likelihood.discretized_gaussian_log_likelihood(
                 grid[None], jnp.full((1, 256), mean), jnp.full((1, 256), log_scale), exact_cdf=exact
             )
             assert float(jnp.exp(logp).sum()) == pytest.approx(1.0, abs=2e-3)
@@ -342,13 +341,13 @@ def test_discretized_gaussian_likelihood_sums_to_one_over_the_grid():
             r"variance='learned' the model must output 2C",
         ),
         (
-            lambda x, t: diffusion.training_losses(
+            lambda x, t: losses.training_losses(
                 lambda a, b: a, SCHED, x, jax.random.PRNGKey(0), weighting="snr"
             ),
             r"weighting 'snr'.*elbo",
         ),
         (
-            lambda x, t: diffusion.training_losses(
+            lambda x, t: losses.training_losses(
                 lambda a, b: a[:, :1], SCHED, x, jax.random.PRNGKey(0)
             ),
             "model_fn must return",

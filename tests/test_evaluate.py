@@ -17,11 +17,12 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from ddpm_jax import diffusion, fid, train
+from ddpm_jax import fid, likelihood, train
 from ddpm_jax.data import pipeline as input_pipeline
 from ddpm_jax.evaluation import bpd, evaluate, fid_score
+from ddpm_jax.experiment import changes
 from ddpm_jax.fid import inception, weights
-from ddpm_jax.inference.sampler import Sampler
+from ddpm_jax.inference.trained_model import TrainedModel
 from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime import workdir as wd
@@ -71,7 +72,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sampler(run):
     config, workdir = run
-    return Sampler.from_config(wd.resolve_config(config, workdir), workdir)
+    return TrainedModel.from_config(changes.resolve_config(config, workdir), workdir)
 
 
 def split_images(config, split, n):
@@ -91,7 +92,7 @@ def test_bits_per_dim_equals_per_example_oracle_and_skips_fid(run, sampler, capl
     # Oracle: the bound of each example alone, with its documented key, plain numpy mean.
     d = config.diffusion
     bound = jax.jit(
-        lambda x, key: diffusion.bits_per_dim(
+        lambda x, key: likelihood.bits_per_dim(
             sampler.experiment.model_fn(sampler.params),
             sampler.sched,
             x[None],
@@ -105,7 +106,7 @@ def test_bits_per_dim_equals_per_example_oracle_and_skips_fid(run, sampler, capl
     images = split_images(config, config.eval.split, N_EVAL).astype(np.float32)
     key = bpd.bpd_key(config)
     per = [jax.device_get(bound(images[i], jax.random.fold_in(key, i))) for i in range(N_EVAL)]
-    mean = {f: np.mean([getattr(p, f)[0] for p in per]) for f in diffusion.BitsPerDim._fields}
+    mean = {f: np.mean([getattr(p, f)[0] for p in per]) for f in likelihood.BitsPerDim._fields}
     terms = np.mean([p.terms[0] for p in per], axis=0)
 
     assert result["num_examples"] == N_EVAL and result["step"] == STEP
@@ -185,9 +186,9 @@ def test_fid_wiring_against_oracle_and_reference_cache(run, sampler, tmp_path, m
     fake = weights.InceptionWeights({}, fingerprint, Path("fake.npz"))
     monkeypatch.setattr(fid, "make_feature_fn", make_feature_fn)
     monkeypatch.setattr(fid, "try_load_inception_weights", lambda *a, **k: (fake, None))
-    config = wd.resolve_config(config, workdir)
+    config = changes.resolve_config(config, workdir)
     config.eval.fid_cache_dir = str(tmp_path)
-    sampler = Sampler.from_config(config, workdir)
+    sampler = TrainedModel.from_config(config, workdir)
     result = fid_score.fid_score(sampler)
 
     def stats(uint8_images):

@@ -7,6 +7,7 @@ Inception3 layer shapes, not derived from the Flax module.
 
 import hashlib
 import os
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -17,7 +18,6 @@ import pytest
 from flax import traverse_util
 from scipy import linalg
 
-from ddpm_jax.fid import __main__ as fid_cli
 from ddpm_jax.fid import frechet, inception, weights
 
 # --------------------------------------------------------------------------- fixtures
@@ -507,9 +507,19 @@ def test_try_load_raises_on_tampered_weights(weights_npz, tmp_path):
         weights.try_load_inception_weights(str(bad))
 
 
-def test_cli_check(weights_npz, capsys):
-    assert fid_cli.main(["check", str(weights_npz)]) == 0
-    assert "expected shapes" in capsys.readouterr().out
+def test_cli_check(weights_npz, tmp_path):
+    """`ddpm-jax-fid check FILE`: verified; a file that fails is one `error:` line, exit 2."""
+    ok = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.fid", "check", str(weights_npz)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert ok.returncode == 0 and "expected shapes" in ok.stdout, ok.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "ddpm_jax.fid", "check", str(tmp_path / "none-0123abcd.npz")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip().startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- Fréchet distance

@@ -8,12 +8,14 @@ import os
 import jax
 import numpy as np
 import pytest
+from numerics import assert_f32_close
 
 import ddpm_jax
 from configs import tiny
 from ddpm_jax import sampling, train
+from ddpm_jax.experiment import SamplingOptions, changes
 from ddpm_jax.inference import write_samples
-from ddpm_jax.inference.sampler import Sampler, SamplingOptions, chunk_sizes
+from ddpm_jax.inference.trained_model import TrainedModel, chunk_sizes
 from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime import workdir as wd
@@ -147,7 +149,7 @@ def test_overrides_and_ddim(run):
     sampler = ddpm_jax.load_sampler(
         run[1], config_overrides={"sampling.sampler": "ddim", "sampling.num_steps": 4}
     )
-    assert sampler.options() == SamplingOptions("ddim", 4, 0.0, 1.0)
+    assert sampler.options() == SamplingOptions("ddim", 4, 0.0, 1.0, 2, "endpoints")
     images = sampler.sample(3, seed=0)
     assert images.shape == (3, 8, 8, 1)
     np.testing.assert_array_equal(images, sampler.sample(3, seed=0))  # η = 0: deterministic
@@ -172,7 +174,7 @@ def test_model_fn_is_the_jitted_network_of_the_workdir(run, sampler):
     x = np.random.default_rng(0).standard_normal((3, 8, 8, 1)).astype(np.float32)
     t = np.array([0, 5, 15], np.int32)
     want = sampler.experiment.model_fn(sampler.params)(x, t)
-    np.testing.assert_allclose(np.asarray(sampler.model_fn(x, t)), np.asarray(want), atol=1e-6)
+    assert_f32_close(sampler.model_fn(x, t), want)  # two compilations of one network.
 
 
 def test_resolve_config_keeps_trained_fields_and_warns(run, caplog):
@@ -182,23 +184,23 @@ def test_resolve_config_keeps_trained_fields_and_warns(run, caplog):
     cli.sampling.num_samples = 5
     cli.data.data_dir = "/elsewhere"
     with caplog.at_level(logging.WARNING):
-        merged = wd.resolve_config(cli, workdir)
+        merged = changes.resolve_config(cli, workdir)
     assert merged.model.ch == 32 and merged.sampling.num_samples == 5
     assert merged.data.data_dir == "/elsewhere"  # where the data is, not what was trained
     warnings = [r.getMessage() for r in caplog.records if "trained field" in r.getMessage()]
     assert len(warnings) == 1 and "model.ch (64 -> 32)" in warnings[0]
     cli.data.data_dir = None  # unset: where training had it
-    assert wd.resolve_config(cli, workdir).data.data_dir == config.data.data_dir
+    assert changes.resolve_config(cli, workdir).data.data_dir == config.data.data_dir
 
     # A sampling choice given on the command line (--config.diffusion.variance) is applied
     # after the resolution, and the warning does not claim it was ignored.
     cli.model.ch, cli.diffusion.variance = 32, "fixedsmall"
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        merged = wd.run_config(cli, workdir, {"diffusion.variance": "fixedsmall"})
+        merged = changes.run_config(cli, workdir, {"diffusion.variance": "fixedsmall"})
     assert merged.diffusion.variance == "fixedsmall" and merged.sampling.num_samples == 5
     assert not [r for r in caplog.records if "trained field" in r.getMessage()]
-    assert wd.run_config(cli, workdir).diffusion.variance == config.diffusion.variance
+    assert changes.run_config(cli, workdir).diffusion.variance == config.diffusion.variance
 
 
 def _listing(directory):
@@ -250,9 +252,10 @@ def test_generate_writes_chunks_and_resumes(run, sampler):
 
 
 def test_sampler_is_importable_from_the_package_top():
-    from ddpm_jax.inference import sampler as sampler_lib
+    from ddpm_jax.inference import trained_model
 
-    assert ddpm_jax.Sampler is Sampler and ddpm_jax.load_sampler is sampler_lib.load_sampler
+    assert ddpm_jax.TrainedModel is TrainedModel
+    assert ddpm_jax.load_sampler is trained_model.load_sampler
 
 
 def test_class_conditional_labels_and_guidance(tmp_path):

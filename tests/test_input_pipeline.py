@@ -12,10 +12,11 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from configs import default
 from configs import digits as digits_config
-from ddpm_jax.data import digits
+from ddpm_jax.data import digits, sources
 from ddpm_jax.data import pipeline as ip
+from ddpm_jax.data.config import DatasetInfo
+from ddpm_jax.experiment import defaults
 
 N = 37  # examples in the fake source: prime, so global batches straddle epoch ends.
 
@@ -117,8 +118,8 @@ def _version_dir(data_dir):
 
 
 def test_digits_native_size_config(digits_dir):
-    info = ip.get_dataset_info(_digits_config(digits_dir, image_size=8), split="test")
-    assert info == ip.DatasetInfo("digits", "test", 297, 8, 1, 10)
+    info = sources.get_dataset_info(_digits_config(digits_dir, image_size=8), split="test")
+    assert info == DatasetInfo("digits", "test", 297, 8, 1, 10)
     source = digits.prepare(digits_dir, 8).as_data_source("test")
     stored = {(source[i]["image"].tobytes(), source[i]["label"]) for i in range(len(source))}
     sk = load_digits()
@@ -131,8 +132,8 @@ def test_digits_native_size_config(digits_dir):
 
 def test_digits_config_batches(digits_dir):
     config = _digits_config(digits_dir)
-    info = ip.get_dataset_info(config)
-    assert info == ip.DatasetInfo("digits", "train", 1500, 16, 1, 10)
+    info = sources.get_dataset_info(config)
+    assert info == DatasetInfo("digits", "train", 1500, 16, 1, 10)
     data = ip.make_train_data(
         config, global_batch_size=64, process_index=0, process_count=1, seed=0
     )
@@ -260,8 +261,9 @@ def test_eval_covers_split_once_in_order(count):
 def test_eval_data_from_config(digits_dir):
     config = _digits_config(digits_dir)
     data = ip.make_eval_data(
-        config, global_batch_size=128, process_index=1, process_count=2, num_examples=200
-    )
+        config, global_batch_size=128, process_index=1, process_count=2, split="test",
+        num_examples=200,
+    )  # fmt: skip
     batches = list(data)
     assert len(batches) == len(data) == 2 and data.num_examples == 200
     assert [b["mask"].sum() for b in batches] == [64, 8]  # rows 64..127 and 192..199
@@ -272,19 +274,19 @@ def test_eval_data_from_config(digits_dir):
 
 
 def test_catalog_dataset_through_mock_data(tmp_path):
-    config = default.get_config()  # cifar10, 32×32×3, random flips
+    config = defaults.get_config()  # cifar10, 32×32×3, random flips
     config.data.data_dir = str(tmp_path)
     with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
-        info = ip.get_dataset_info(config)
+        info = sources.get_dataset_info(config)
         data = ip.make_train_data(
             config, global_batch_size=8, process_index=1, process_count=2, seed=0
         )
         batch = data.get_batch(7)
         evaluation = ip.make_eval_data(
-            config, global_batch_size=8, process_index=0, process_count=1
+            config, global_batch_size=8, process_index=0, process_count=1, split="test"
         )
         masks = [b["mask"].sum() for b in evaluation]
-    assert info == ip.DatasetInfo("cifar10", "train", 20, 32, 3, 10)
+    assert info == DatasetInfo("cifar10", "train", 20, 32, 3, 10)
     assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
     assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
     assert batch["label"].dtype == np.int32
@@ -293,15 +295,15 @@ def test_catalog_dataset_through_mock_data(tmp_path):
     config.data.image_size = 16
     with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
         with pytest.raises(ValueError, match=r"config\.data\.image_size=32"):
-            ip.get_dataset_info(config)
+            sources.get_dataset_info(config)
 
 
 def test_unprepared_catalog_dataset_fails_fast_with_command(tmp_path):
-    config = default.get_config()
+    config = defaults.get_config()
     config.data.data_dir = str(tmp_path)
     start = time.perf_counter()
     with pytest.raises(FileNotFoundError, match="tfds build cifar10 --file_format=array_record"):
-        ip.get_dataset_info(config)
+        sources.get_dataset_info(config)
     assert time.perf_counter() - start < 5.0
 
 
@@ -318,18 +320,18 @@ def test_unprepared_catalog_dataset_fails_fast_with_command(tmp_path):
 )
 def test_bad_data_config_names_the_field(digits_dir, field, value, match):
     with pytest.raises(ValueError, match=match):
-        ip.get_dataset_info(_digits_config(digits_dir, **{field: value}))
+        sources.get_dataset_info(_digits_config(digits_dir, **{field: value}))
 
 
 def test_bad_config_outside_the_data_group(digits_dir):
     config = _digits_config(digits_dir)
     config.data.unknown_field = 1
     with pytest.raises(ValueError, match="unknown_field"):
-        ip.get_dataset_info(config)
+        sources.get_dataset_info(config)
     config = _digits_config(digits_dir)
     config.model.num_classes = 7
     with pytest.raises(ValueError, match=r"config\.model\.num_classes=10"):
-        ip.get_dataset_info(config)
+        sources.get_dataset_info(config)
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from numerics import assert_f32_close
 
 from configs import improved_cifar10, tiny
-from ddpm_jax import diffusion, errors, likelihood, sampling, schedules, train
+from ddpm_jax import diffusion, errors, likelihood, losses, sampling, schedules, train
 from ddpm_jax.experiment import Experiment, ExperimentConfig
-from ddpm_jax.train import timestep_sampler as ts_sampler
+from ddpm_jax.train import loop, timestep_proposal
 
 T = 50
 SCHED = schedules.make_schedule(schedules.get_beta_schedule("linear", T, beta_end=0.2))
@@ -53,7 +54,7 @@ def test_learned_range_at_minus_and_plus_one_is_the_fixed_variances(v, fixed):
     out = with_v(lambda t: jnp.full(t.shape, v))(x, T_ALL)
     learned = diffusion.p_mean_variance(SCHED, out, x, T_ALL, variance="learned_range")
     ref = diffusion.p_mean_variance(SCHED, denoiser(x, T_ALL), x, T_ALL, variance=fixed)
-    np.testing.assert_allclose(learned.mean, ref.mean, atol=1e-6)
+    assert_f32_close(learned.mean, ref.mean)
     first = 0 if fixed == "fixedsmall" else 1  # fixedlarge's t = 0 is σ_q² of step 2, not β_1.
     np.testing.assert_allclose(learned.log_variance[first:], ref.log_variance[first:], rtol=1e-5)
     if fixed == "fixedlarge":
@@ -87,9 +88,9 @@ def test_training_the_variance_alone_moves_it_to_the_kl_optimum():
 
     def loss(v, key):
         model = with_v(lambda t: v[t])
-        losses = diffusion.training_losses(model, SCHED, X0, key, weighting="x0_mse",
-                                           variance="learned", vlb_weight=1.0)  # fmt: skip
-        return jnp.mean(losses.loss)
+        out = losses.training_losses(model, SCHED, X0, key, weighting="x0_mse",
+                                     variance="learned", vlb_weight=1.0)  # fmt: skip
+        return jnp.mean(out.loss)
 
     @jax.jit
     def step(v, state, key):
@@ -115,7 +116,7 @@ def test_the_vlb_term_trains_only_the_variance_and_elbo_trains_both():
 
     def loss(a, b, lam):
         return jnp.mean(
-            diffusion.training_losses(model(a, b), SCHED, X0, key, vlb_weight=lam, **kw).loss
+            losses.training_losses(model(a, b), SCHED, X0, key, vlb_weight=lam, **kw).loss
         )
 
     ga_hybrid, gb_hybrid = jax.grad(loss, (0, 1))(0.9, 0.2, 0.5)
@@ -124,14 +125,14 @@ def test_the_vlb_term_trains_only_the_variance_and_elbo_trains_both():
     assert float(gb_mse) == 0.0 and abs(float(gb_hybrid)) > 0
 
     def elbo(a, b):
-        return jnp.mean(diffusion.training_losses(model(a, b), SCHED, X0, key, weighting="elbo",
+        return jnp.mean(losses.training_losses(model(a, b), SCHED, X0, key, weighting="elbo",
                                                   variance="learned_range").loss)  # fmt: skip
 
     ga, gb = jax.grad(elbo, (0, 1))(0.9, 0.2)
     assert abs(float(ga)) > 0 and abs(float(gb)) > 0
     # The elbo loss is T times the bound's term, in nats summed over dimensions.
     t = jnp.array([3, 7, 20, 49])
-    got = diffusion.training_losses(model(0.9, 0.2), SCHED, X0, key, weighting="elbo",
+    got = losses.training_losses(model(0.9, 0.2), SCHED, X0, key, weighting="elbo",
                                     variance="learned_range", t=t).loss  # fmt: skip
     x_t = diffusion.q_sample(SCHED, X0, t, jax.random.normal(jax.random.split(key)[1], X0.shape))
     bits = likelihood.vb_term_bpd(
@@ -139,7 +140,7 @@ def test_the_vlb_term_trains_only_the_variance_and_elbo_trains_both():
     )
     np.testing.assert_allclose(got, T * bits * D * np.log(2.0), rtol=1e-5)
     with pytest.raises(ValueError, match="vlb_weight"):
-        diffusion.training_losses(denoiser, SCHED, X0, key, vlb_weight=0.1)
+        losses.training_losses(denoiser, SCHED, X0, key, vlb_weight=0.1)
 
 
 def test_ddim_and_the_solvers_ignore_the_variance_channels():
@@ -166,35 +167,39 @@ def test_ddim_and_the_solvers_ignore_the_variance_channels():
 
 
 def filled(losses_of_t):
-    state = ts_sampler.init_state(len(losses_of_t))
-    t = jnp.repeat(jnp.arange(len(losses_of_t)), ts_sampler.HISTORY)
-    return ts_sampler.update(state, t, jnp.repeat(jnp.asarray(losses_of_t), ts_sampler.HISTORY))
+    state = timestep_proposal.init_state(len(losses_of_t))
+    t = jnp.repeat(jnp.arange(len(losses_of_t)), timestep_proposal.HISTORY)
+    return timestep_proposal.update(
+        state, t, jnp.repeat(jnp.asarray(losses_of_t), timestep_proposal.HISTORY)
+    )
 
 
 def test_the_loss_aware_estimate_is_unbiased_and_uniform_until_warm():
     table = jnp.asarray(np.random.default_rng(0).gamma(0.5, 2.0, T), jnp.float32)
-    state = ts_sampler.init_state(T)
-    np.testing.assert_allclose(ts_sampler.probabilities(state), np.full(T, 1 / T), rtol=1e-6)
-    almost = ts_sampler.update(filled(table), jnp.array([0]), jnp.array([1.0]))
-    almost = almost._replace(counts=almost.counts.at[7].set(ts_sampler.HISTORY - 1))
-    np.testing.assert_allclose(ts_sampler.probabilities(almost), np.full(T, 1 / T), rtol=1e-6)
+    state = timestep_proposal.init_state(T)
+    np.testing.assert_allclose(timestep_proposal.probabilities(state), np.full(T, 1 / T), rtol=1e-6)
+    almost = timestep_proposal.update(filled(table), jnp.array([0]), jnp.array([1.0]))
+    almost = almost._replace(counts=almost.counts.at[7].set(timestep_proposal.HISTORY - 1))
+    np.testing.assert_allclose(
+        timestep_proposal.probabilities(almost), np.full(T, 1 / T), rtol=1e-6
+    )
     warm = filled(table)
-    p = np.asarray(ts_sampler.probabilities(warm), np.float64)
-    assert abs(p.sum() - 1) < 1e-5 and p.min() >= ts_sampler.UNIFORM_PROB / T * 0.999
+    p = np.asarray(timestep_proposal.probabilities(warm), np.float64)
+    assert abs(p.sum() - 1) < 1e-5 and p.min() >= timestep_proposal.UNIFORM_PROB / T * 0.999
     assert np.corrcoef(p, np.asarray(table))[0, 1] > 0.99  # ∝ sqrt(E[L²]) = L here.
     # Exactly unbiased: E_{t~p}[L_t / (T p_t)] = mean_t L_t.
     assert float(np.sum(p * np.asarray(table) / (T * p))) == pytest.approx(
         float(table.mean()), rel=1e-5
     )
-    t, w = ts_sampler.draw(warm, jax.random.PRNGKey(0), 200_000)
+    t, w = timestep_proposal.draw(warm, jax.random.PRNGKey(0), 200_000)
     assert float(jnp.mean(w * table[t])) == pytest.approx(float(table.mean()), rel=0.02)
 
 
 def test_the_history_keeps_the_last_ten_losses_in_order():
-    state = ts_sampler.init_state(3)
-    state = ts_sampler.update(state, jnp.full(12, 1), jnp.arange(12.0))
+    state = timestep_proposal.init_state(3)
+    state = timestep_proposal.update(state, jnp.full(12, 1), jnp.arange(12.0))
     np.testing.assert_array_equal(state.losses[1], np.arange(2.0, 12.0))
-    assert state.counts.tolist() == [0, ts_sampler.HISTORY, 0]
+    assert state.counts.tolist() == [0, timestep_proposal.HISTORY, 0]
 
 
 def small_improved(**changes):
@@ -233,13 +238,13 @@ def assert_trees_equal(a, b):
 
 
 def test_a_loss_aware_hybrid_run_resumes_bit_identically_and_samples(tmp_path):
-    config = small_improved(diffusion__timestep_sampler="loss_aware")
-    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    config = small_improved(diffusion__timestep_proposal="loss_aware")
+    whole = loop.train(config, str(tmp_path / "whole"))
     assert isinstance(whole, train.state.LossAwareTrainState)
     assert int(whole.timestep_sampler.counts.sum()) == 4 * 8  # 4 steps of batch 8.
-    half = small_improved(diffusion__timestep_sampler="loss_aware", training__num_train_steps=2)
-    train.train_and_evaluate(half, str(tmp_path / "resumed"))
-    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    half = small_improved(diffusion__timestep_proposal="loss_aware", training__num_train_steps=2)
+    loop.train(half, str(tmp_path / "resumed"))
+    resumed = loop.train(config, str(tmp_path / "resumed"))
     assert_trees_equal(resumed, whole)
 
     import ddpm_jax

@@ -15,6 +15,8 @@ import pytest
 # configs/ is not an installed package: `python -m pytest` from the root finds it, a bare
 # `pytest` needs the repository root on the path.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from numerics import assert_f32_close
+
 from configs import celeba_hq256, cifar10, lsun256, tiny
 from ddpm_jax.models import (
     ModelConfig,
@@ -206,7 +208,7 @@ def test_dropout_only_when_training():
     apply = jax.jit(model.apply, static_argnames="train")
     eval_out = apply(params, x, t, train=False)
     no_dropout = UNet(tiny_model_config(dropout=0.0, **MICRO))
-    np.testing.assert_allclose(eval_out, jax.jit(no_dropout.apply)(params, x, t), rtol=1e-6)
+    assert_f32_close(eval_out, jax.jit(no_dropout.apply)(params, x, t))
     train_a = apply(params, x, t, train=True, rngs={"dropout": jax.random.key(5)})
     train_b = apply(params, x, t, train=True, rngs={"dropout": jax.random.key(6)})
     assert not np.allclose(train_a, eval_out, atol=1e-3)
@@ -385,7 +387,7 @@ def test_class_conditioning():
     out_b = apply(params, x, t, jnp.array([2, 3]))
     out_null = apply(params, x, t, jnp.array([10, 10]))
     assert float(jnp.abs(out_a - out_b).max()) > 1e-3
-    np.testing.assert_allclose(apply(params, x, t), out_null, rtol=1e-6)  # y=None: null class
+    assert_f32_close(apply(params, x, t), out_null)  # y=None: the null class
     with pytest.raises(ValueError, match="num_classes"):
         jax.eval_shape(UNet(tiny_model_config()).init, jax.random.key(0), x, t, jnp.array([0, 1]))
 

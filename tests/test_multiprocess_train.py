@@ -33,6 +33,7 @@ from configs import tiny
 from ddpm_jax import train
 from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import sharding as shd
+from ddpm_jax.train import loop
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "local_multiprocess.sh"
@@ -183,7 +184,7 @@ def scenario(tmp_path_factory):
     # 3. The oracle: one process, 8 devices, the same steps, checkpoints and metrics.
     config = tiny_config(end)
     reference_dir = root / "reference"
-    reference = train.train_and_evaluate(config, str(reference_dir))
+    reference = loop.train(config, str(reference_dir))
     return dict(
         workdir=workdir, logs_killed=logs_killed, logs_resumed=logs_resumed,
         killed_err=launcher_err, killed_status=killed_status,

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 import ddpm_jax
-from ddpm_jax import models
+from ddpm_jax import files, models
 from ddpm_jax.errors import ConfigError, DataError, DataNotFoundError, UserError, WorkdirError
 from ddpm_jax.evaluation import evaluate
+from ddpm_jax.experiment import changes, defaults
 from ddpm_jax.models import layers
 from ddpm_jax.pretrained import (
     diffusers_unet,
@@ -93,7 +94,7 @@ def test_imported_network_equals_diffusers(samplers, name, fixture):
 
 
 def test_configs_written(imported):
-    digits = wd.read_config(imported["digits8"])
+    digits = changes.read_config(imported["digits8"])
     assert digits.data.name == "digits" and (digits.data.image_size, digits.data.channels) == (8, 1)
     m = digits.model
     assert (m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions)) == (
@@ -111,7 +112,7 @@ def test_configs_written(imported):
         "linear",
     )
     assert (d.num_timesteps, d.beta_start, d.beta_end) == (100, 1e-3, 0.2)
-    rgb = wd.read_config(imported["rgb16"])
+    rgb = changes.read_config(imported["rgb16"])
     assert rgb.data.name == "unknown"  # nothing says what it is of.
     assert (rgb.model.num_heads, rgb.model.norm_groups, rgb.model.num_res_blocks) == (2, 8, 2)
     assert tuple(rgb.model.attn_resolutions) == (8, 4) and rgb.model.dropout == 0.1
@@ -128,10 +129,10 @@ def test_configs_written(imported):
 def test_checkpoint_state_and_provenance(imported, samplers):
     workdir = imported["rgb16"]
     assert checkpointing.complete_steps(workdir) == [0]
-    params = checkpointing.load_subtree(imported["digits8"], "params")
+    params = checkpointing.restore_subtree(imported["digits8"], "params")[0]
     ema = samplers["digits8"].params  # what sampling restores: "ema_params".
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, ema))
-    assert int(checkpointing.load_subtree(workdir, "step")) == 0
+    assert int(checkpointing.restore_subtree(workdir, "step")[0]) == 0
     with open(os.path.join(wd.checkpoint_dir(workdir), "0", "extra", "metadata")) as f:
         extra = json.load(f)
     assert extra["imported_from"] == str(RGB16) and extra["revision"] is None
@@ -151,7 +152,7 @@ def test_ddim_sample_and_bits_per_dim(imported, samplers, tfds_dir):
     sampler = samplers["digits8"]
     images = sampler.sample(4, seed=0, sampler="ddim", num_steps=5)
     assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
-    config = wd.read_config(workdir)
+    config = changes.read_config(workdir)
     config.data.data_dir = tfds_dir
     config.eval.num_examples = 2
     config.eval.batch_size = 8  # one row per fake device.
@@ -184,20 +185,20 @@ def test_import_over_another_config_is_refused(tmp_path):
 )
 def test_dataset_of_a_model(source, data_name, name, eval_split):
     r = repo.Repo(source, None, {}, "config.json", "w", "scheduler_config.json")
-    fields = importer.data_fields(r, data_name)
-    assert fields["name"] == name and fields.get("eval_split", "test") == eval_split
+    fields, split = importer.data_fields(r, data_name)
+    assert fields["name"] == name and split == eval_split
 
 
 def test_training_an_imported_workdir_is_refused(imported, tfds_dir):
     """Its own config, so no field changed: the refusal comes from the checkpoint's extra."""
     workdir = imported["digits8"]
-    config = wd.read_config(workdir)
+    config = changes.read_config(workdir)
     config.data.data_dir = tfds_dir
     config.training.batch_size = 8
     config.training.allow_config_change = True  # batch_size: a refused change otherwise.
     before = Path(workdir, "config.json").read_text()
     with pytest.raises(WorkdirError, match=r"imported from .*fine-tuning from imported weights"):
-        loop.train_and_evaluate(config, workdir)
+        loop.train(config, workdir)
     assert checkpointing.complete_steps(workdir) == [0]
     assert Path(workdir, "config.json").read_text() == before
 
@@ -261,14 +262,7 @@ def test_cifar10_tensor_names_fill_every_leaf(legacy):
         shapes = dict(zip(legacy_names(shapes), shapes.values(), strict=True))
         assert "mid_block.attentions.0.proj_attn.weight" in shapes
         shapes = weights.modern_names(shapes, "cifar10")
-    cfg = models.ModelConfig(
-        image_size=32,
-        in_channels=3,
-        ch=128,
-        ch_mult=(1, 2, 2, 2),
-        num_res_blocks=2,
-        attn_resolutions=(16,),
-    )
+    cfg = models.ModelConfig.from_dict(defaults.group("model"), 32, 3)  # Ho et al.'s CIFAR-10
     abstract = models.abstract_variables(models.UNet(cfg))["params"]
     mapping = weights.plan(shapes, abstract, 4, "cifar10")
     assert len(mapping) == len(jax.tree.leaves(abstract)) == len(shapes) == 328
@@ -381,8 +375,10 @@ def test_defaults_of_absent_fields_are_diffusers_defaults():
 
 def test_norm_groups_must_divide_every_width():
     with pytest.raises(ConfigError, match=r"model.norm_groups = 3 does not divide the 8 channels"):
-        models.ModelConfig(
-            image_size=8, in_channels=1, ch=8, ch_mult=(1, 1), norm_groups=3, attn_resolutions=(4,)
+        models.ModelConfig.from_dict(
+            defaults.group("model", ch=8, ch_mult=(1, 1), norm_groups=3, attn_resolutions=(4,)),
+            8,
+            1,
         )
 
 
@@ -459,7 +455,7 @@ class FakeHub:
             name = str(path.relative_to(self.root))
             entry = {"rfilename": name, "blob_id": repo.git_blob_sha1(str(path))}
             if name.endswith((".safetensors", ".bin")):
-                entry["lfs"] = {"sha256": repo.sha256_file(str(path))}
+                entry["lfs"] = {"sha256": files.sha256_file(str(path))}
             siblings.append(entry)
         return {"sha": self.COMMIT, "siblings": siblings}
 

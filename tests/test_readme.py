@@ -44,17 +44,21 @@ def quick_start_commands():
     return [line for line in script.splitlines() if line.strip() and not line.startswith("#")]
 
 
+# The test venv's console scripts stand in for the README's .venv/bin/ ones.
+BIN = os.path.dirname(sys.executable)
+
+
 def main_args(command):
-    """The arguments of the `.venv/bin/python -m ddpm_jax.main` part of a command line."""
+    """The arguments of the `.venv/bin/ddpm-jax` part of a command line (mode first)."""
     part = command.split("&&")[-1]
     words = shlex.split(part)
-    assert words[:3] == [".venv/bin/python", "-m", "ddpm_jax.main"], command
-    return words[3:]
+    assert words[0] == ".venv/bin/ddpm-jax" and words[1] in ("train", "sample", "eval"), command
+    return words[1:]
 
 
 def run_main(args, cwd):
     out = subprocess.run(
-        [sys.executable, "-m", "ddpm_jax.main", *args],
+        [os.path.join(BIN, "ddpm-jax"), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -81,7 +85,7 @@ def test_the_test_command_is_the_one_ci_runs():
 
 
 def test_quick_start_train_resume_sample_evaluate(clone):
-    train, sample, evaluate = [c for c in quick_start_commands() if "ddpm_jax.main" in c]
+    train, sample, evaluate = [c for c in quick_start_commands() if "bin/ddpm-jax " in c]
     assert "pip install -e ." in train
     args = main_args(train)
     workdir_arg = next(a for a in args if a.startswith("--workdir="))
@@ -130,4 +134,4 @@ def test_the_mathematics_block_runs_as_written():
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["samples"].shape == (16, 8, 8, 1)
     assert np.all(np.isfinite(np.asarray(namespace["bpd"].total)))
-    assert namespace["losses"].shape == (4,) and namespace["x_t"].shape == (4, 8, 8, 1)
+    assert namespace["loss"].shape == (4,) and namespace["x_t"].shape == (4, 8, 8, 1)

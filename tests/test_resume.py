@@ -18,9 +18,11 @@ import ddpm_jax
 from configs import tiny
 from ddpm_jax import errors, train
 from ddpm_jax.evaluation import evaluate
+from ddpm_jax.experiment import changes
 from ddpm_jax.runtime import checkpointing, preemption
 from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime import workdir as wd
+from ddpm_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +39,7 @@ def config(**training):
 def base(tmp_path_factory):
     """4 steps in one go, checkpoints at 2 and 4: the run every test below starts from."""
     workdir = str(tmp_path_factory.mktemp("base") / "w")
-    state = train.train_and_evaluate(config(), workdir)
+    state = loop.train(config(), workdir)
     return workdir, state
 
 
@@ -75,7 +77,7 @@ def test_a_changed_model_is_refused_before_anything_is_written(workdir):
     c.diffusion.num_timesteps = 50
     start = time.perf_counter()
     with pytest.raises(errors.ConfigError) as info:
-        train.train_and_evaluate(c, workdir)
+        loop.train(c, workdir)
     assert time.perf_counter() - start < 30
     message = str(info.value)
     assert "model.ch (32 -> 64)" in message and "diffusion.num_timesteps (100 -> 50)" in message
@@ -87,11 +89,11 @@ def test_a_changed_model_is_refused_before_anything_is_written(workdir):
 def test_a_changed_batch_size_needs_the_escape_hatch_and_is_recorded(workdir, caplog):
     c = config(num_train_steps=6, batch_size=16)
     with pytest.raises(errors.ConfigError, match=r"training\.batch_size \(8 -> 16\)"):
-        train.train_and_evaluate(c, workdir)
+        loop.train(c, workdir)
     c.training.allow_config_change = True
     c.optim.learning_rate = 5e-4
     with caplog.at_level(logging.WARNING):
-        state = train.train_and_evaluate(c, workdir)
+        state = loop.train(c, workdir)
     assert int(state.step) == 6
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "training.batch_size (8 -> 16)" in warned and "optim.learning_rate" in warned
@@ -99,14 +101,14 @@ def test_a_changed_batch_size_needs_the_escape_hatch_and_is_recorded(workdir, ca
     assert history[-1]["resumed_at_step"] == 4
     assert history[-1]["changes"]["training.batch_size"] == [8, 16]
     assert history[-1]["changes"]["optim.learning_rate"] == [1e-3, 5e-4]
-    assert wd.read_config(workdir).training.batch_size == 16
+    assert changes.read_config(workdir).training.batch_size == 16
 
 
 def test_a_different_network_is_refused_naming_the_parameters(workdir):
     c = config(num_train_steps=6, allow_config_change=True)
     c.model.ch = 64
     with pytest.raises(errors.WorkdirError, match=r"holds another model .* differ in shape"):
-        train.train_and_evaluate(c, workdir)
+        loop.train(c, workdir)
 
 
 def test_a_truncated_newest_checkpoint_is_moved_aside_and_the_older_one_used(base, workdir, caplog):
@@ -115,7 +117,7 @@ def test_a_truncated_newest_checkpoint_is_moved_aside_and_the_older_one_used(bas
         with open(os.path.join(data, name), "r+b") as f:
             f.truncate(max(1, os.path.getsize(f.name) // 3))
     with caplog.at_level(logging.WARNING):
-        state = train.train_and_evaluate(config(), workdir)  # resumes at 2, runs to 4 again.
+        state = loop.train(config(), workdir)  # resumes at 2, runs to 4 again.
     warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
     assert len(warnings) == 1 and "step 4" in warnings[0] and "trying step 2" in warnings[0]
     quarantine = os.path.join(workdir, "checkpoints", "_quarantine")
@@ -136,30 +138,30 @@ def test_empty_and_itemless_step_directories_are_incomplete(workdir):
         os.path.join(workdir, "checkpoints", "6", "extra"),
     )
     assert checkpointing.latest_step(workdir) == 4  # reading skips them ...
-    state = train.train_and_evaluate(config(num_train_steps=6), workdir)  # ... training too.
+    state = loop.train(config(num_train_steps=6), workdir)  # ... training too.
     assert int(state.step) == 6
     moved = sorted(os.listdir(os.path.join(workdir, "checkpoints", "_quarantine")))
     assert [m.split("-")[0] for m in moved] == ["6", "8"]
 
 
 def test_resume_step_rolls_back_once(base, workdir):
-    state = train.train_and_evaluate(config(resume_step=2), workdir)
+    state = loop.train(config(resume_step=2), workdir)
     assert_trees_equal(state, base[1])
     assert checkpointing.complete_steps(workdir) == [2, 4]
     (moved,) = os.listdir(os.path.join(workdir, "checkpoints", "_quarantine"))
     assert moved.startswith("4-")
     # The same command again (say after a crash) continues from the newest checkpoint.
-    again = train.train_and_evaluate(config(resume_step=2, num_train_steps=6), workdir)
+    again = loop.train(config(resume_step=2, num_train_steps=6), workdir)
     assert int(again.step) == 6
     assert len(os.listdir(os.path.join(workdir, "checkpoints", "_quarantine"))) == 1
     with pytest.raises(errors.WorkdirNotFoundError, match=r"kept steps: \[2, 4, 6\]"):
-        train.train_and_evaluate(config(resume_step=3, num_train_steps=6), workdir)
+        loop.train(config(resume_step=3, num_train_steps=6), workdir)
 
 
 def test_a_missing_config_json_beside_checkpoints_is_explained(workdir):
     os.remove(os.path.join(workdir, wd.CONFIG_FILE))
     with pytest.raises(errors.WorkdirError, match=r"has checkpoints but no config\.json"):
-        train.train_and_evaluate(config(num_train_steps=6), workdir)
+        loop.train(config(num_train_steps=6), workdir)
     with pytest.raises(errors.WorkdirNotFoundError, match=r"config\.json is missing but .* holds"):
         ddpm_jax.load_sampler(workdir)
 
@@ -176,7 +178,7 @@ def test_a_failed_asynchronous_save_stops_the_run_at_once(workdir, monkeypatch):
 
     monkeypatch.setattr(ocp.CheckpointManager, "check_for_errors", failing)
     with pytest.raises(checkpointing.CheckpointSaveError, match="No space left on device"):
-        train.train_and_evaluate(config(num_train_steps=40, checkpoint_every_steps=6), workdir)
+        loop.train(config(num_train_steps=40, checkpoint_every_steps=6), workdir)
     # It stopped at step 7, the first check that saw the failure, not at the next save (12).
     assert metrics_steps(workdir)[-1] == 6
     assert checkpointing.complete_steps(workdir) == [2, 4, 6]
@@ -186,7 +188,7 @@ def test_a_stale_lock_is_reported_and_taken(workdir, caplog):
     with open(os.path.join(workdir, wd.LOCK_FILE), "w") as f:
         json.dump({"host": "gone", "pid": 1, "since": "2026-01-01T00:00:00+00:00"}, f)
     with caplog.at_level(logging.WARNING):
-        train.train_and_evaluate(config(num_train_steps=6), workdir)
+        loop.train(config(num_train_steps=6), workdir)
     assert any("stale" in r.getMessage() and "host gone" in r.getMessage() for r in caplog.records)
     assert open(os.path.join(workdir, wd.LOCK_FILE)).read() == ""
 
@@ -198,7 +200,7 @@ def test_a_workdir_held_by_a_run_is_refused_at_once(workdir):
             errors.WorkdirError,
             match=rf"in use by another training run \(host .*, pid {os.getpid()}",
         ):
-            train.train_and_evaluate(config(num_train_steps=6), workdir)
+            loop.train(config(num_train_steps=6), workdir)
         assert time.perf_counter() - start < 30
 
 
@@ -281,7 +283,7 @@ def test_eval_checks_the_inception_weights_before_the_bound_and_keeps_the_bound(
 
 
 def test_non_finite_logged_metrics_stop_the_run_naming_them():
-    with pytest.raises(train.NonFiniteLossError, match=r"Non-finite bpd_estimate at step 7") as e:
+    with pytest.raises(errors.NonFiniteError, match=r"Non-finite bpd_estimate at step 7") as e:
         train.step.check_finite(
             {"finite": True, "loss": 0.1, "bpd_estimate": float("nan")}, 7, [4, 6]
         )
@@ -298,7 +300,7 @@ def test_a_sampler_loads_without_building_an_optimizer(workdir, monkeypatch):
     monkeypatch.setattr(train.state, "make_optimizer", no_optimizer)
     sampler = ddpm_jax.load_sampler(workdir)
     assert sampler.step == 4 and sampler.sample(2, seed=0, num_steps=3).shape == (2, 8, 8, 1)
-    restored = checkpointing.load_subtree(
+    restored, _ = checkpointing.restore_subtree(
         workdir, "ema_params", sharding=shd.replicated(sampler.mesh)
     )
     assert_trees_equal(sampler.params, restored)
@@ -308,7 +310,7 @@ def test_sampling_and_evaluation_never_import_training():
     code = (
         "import sys, ddpm_jax\n"
         "from ddpm_jax import main\n"
-        "from ddpm_jax.inference import sampler, write_samples\n"
+        "from ddpm_jax.inference import trained_model, write_samples\n"
         "from ddpm_jax.evaluation import evaluate\n"
         "ddpm_jax.load_sampler\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[:2] == ['ddpm_jax', 'train'])\n"

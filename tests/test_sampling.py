@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from numerics import assert_f32_close
 
-from ddpm_jax import diffusion, sampling, schedules
+from ddpm_jax import diffusion, inversion, sampling, schedules, timesteps
 
 T = 1000
 BETAS64 = schedules.get_beta_schedule("linear", T)
@@ -82,7 +83,7 @@ def test_gaussian_oracle_moments(kw):
         )
     )
     x = np.asarray(run(jax.random.PRNGKey(0)), np.float64)
-    ts = sampling.spaced_timesteps(T, kw.get("num_steps", T))
+    ts = timesteps.spaced_timesteps(T, kw.get("num_steps", T))
     mean, var = chain_moments(
         BETAS64,
         ts,
@@ -155,7 +156,7 @@ def test_scan_equals_python_loop_and_trajectory(parameterization, variance, clip
         np.asarray(got.samples), np.clip(np.asarray(got.pred_x0[-1]), -1, 1), atol=1e-6
     )
     plain = sampling.sample(model_fn, SHORT, shape, key, **kw)
-    np.testing.assert_allclose(np.asarray(plain), np.asarray(got.samples), atol=1e-6)
+    assert_f32_close(plain, got.samples)
 
 
 def test_strided_ddim_equals_paper_formula_loop():
@@ -209,23 +210,23 @@ def test_respacing_with_every_step_is_the_original_chain_exactly(sampler):
     explicit = sampling.sample(model_fn, SHORT, (5, 3), key, timesteps=range(50), **kw)
     np.testing.assert_array_equal(np.asarray(spaced), np.asarray(full))
     np.testing.assert_array_equal(np.asarray(explicit), np.asarray(full))
-    assert sampling.respaced_schedule(SHORT, np.arange(50)) is SHORT
+    assert timesteps.respaced_schedule(SHORT, np.arange(50)) is SHORT
 
 
 def test_respaced_schedule_keeps_alphas_cumprod():
-    ts = sampling.spaced_timesteps(T, 50)
+    ts = timesteps.spaced_timesteps(T, 50)
     assert ts[0] == 0 and ts[-1] == T - 1 and len(ts) == 50 and np.all(np.diff(ts) > 0)
-    np.testing.assert_array_equal(sampling.spaced_timesteps(T, T), np.arange(T))
-    np.testing.assert_array_equal(sampling.spaced_timesteps(T, 1), [T - 1])
+    np.testing.assert_array_equal(timesteps.spaced_timesteps(T, T), np.arange(T))
+    np.testing.assert_array_equal(timesteps.spaced_timesteps(T, 1), [T - 1])
     ac = np.cumprod(1 - BETAS64)
     for steps in [ts, np.delete(np.arange(T), 500), np.array([10, 999])]:
-        sub = sampling.respaced_schedule(SCHED, steps)
+        sub = timesteps.respaced_schedule(SCHED, steps)
         assert sub.num_timesteps == len(steps)
         np.testing.assert_allclose(np.asarray(sub.alphas_cumprod), ac[steps], rtol=1e-5)
         betas = 1 - ac[steps] / np.append(1.0, ac[steps][:-1])
         np.testing.assert_allclose(np.asarray(sub.betas), betas, rtol=1e-5)
     # Dropping one step of 1000: the dense betas survive (ratios of float32 ᾱ would not).
-    sub = sampling.respaced_schedule(SCHED, np.delete(np.arange(T), 500))
+    sub = timesteps.respaced_schedule(SCHED, np.delete(np.arange(T), 500))
     np.testing.assert_allclose(np.asarray(sub.betas[:500]), BETAS64[:500], rtol=1e-5)
 
 
@@ -243,7 +244,7 @@ def test_ddim_eta_zero_is_deterministic_and_invertible():
     x0 = M + S * jax.random.normal(jax.random.fold_in(key, 1), (256, 4))
 
     def reconstruction_error(num_steps, iters):
-        latent = sampling.ddim_invert(
+        latent = inversion.ddim_invert(
             model_fn, SCHED, x0, num_steps=num_steps, fixed_point_iters=iters
         )
         back = sampling.sample(
@@ -289,7 +290,7 @@ def _count_model_calls(T_, fn):
         lambda m, s, k: sampling.sample(m, s, (2, 3), k),
         lambda m, s, k: sampling.sample(m, s, (2, 3), k, sampler="ddim", eta=0.5, num_steps=5),
         lambda m, s, k: sampling.sample(m, s, (2, 3), k, return_trajectory_every=3),
-        lambda m, s, k: sampling.ddim_invert(m, s, jnp.zeros((2, 3)), fixed_point_iters=2),
+        lambda m, s, k: inversion.ddim_invert(m, s, jnp.zeros((2, 3)), fixed_point_iters=2),
     ],
     ids=["ancestral", "ddim-strided", "trajectory", "invert"],
 )
@@ -308,7 +309,7 @@ def test_sharded_sampling_matches_single_device_and_clips():
     key = jax.random.PRNGKey(8)
     got, want = sharded(key), jax.jit(fn)(key)
     assert got.sharding.spec == PartitionSpec("data") and got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    assert_f32_close(got, want)
     assert got.shape == shape and float(jnp.abs(got).max()) <= 1.0
     assert float(jnp.abs(got).max()) == 1.0  # clipping happened.
 
@@ -370,9 +371,9 @@ def test_bad_input_raises_value_error(kw, match):
 
 def test_bad_input_of_helpers_raises_value_error():
     with pytest.raises(ValueError, match="fixed_point_iters"):
-        sampling.ddim_invert(MODEL, SHORT, jnp.zeros((2, 3)), fixed_point_iters=-1)
+        inversion.ddim_invert(MODEL, SHORT, jnp.zeros((2, 3)), fixed_point_iters=-1)
     with pytest.raises(ValueError, match="parameterization"):
-        sampling.ddim_invert(MODEL, SHORT, jnp.zeros((2, 3)), parameterization="score")
+        inversion.ddim_invert(MODEL, SHORT, jnp.zeros((2, 3)), parameterization="score")
     with pytest.raises(ValueError, match="model prediction must have x_t's shape"):
         sampling.sample(lambda x, t: x[:, :1], SHORT, (2, 3), KEY)
     # Respacing needs a concrete schedule; every step works with a traced one.

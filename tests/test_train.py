@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from ddpm_jax import train
+from ddpm_jax import errors, train
 from ddpm_jax.experiment import ExperimentConfig
 from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import sharding as shd
+from ddpm_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +46,7 @@ def uninterrupted(tmp_path_factory):
     """6 steps in one go: the reference that resumed runs must equal bit for bit."""
     workdir = str(tmp_path_factory.mktemp("full"))
     config = tiny_config(num_train_steps=6, checkpoint_every_steps=3, sample_every_steps=6)
-    return train.train_and_evaluate(config, workdir), workdir
+    return loop.train(config, workdir), workdir
 
 
 def test_run_writes_checkpoints_metrics_config_and_samples(uninterrupted):
@@ -64,13 +65,9 @@ def test_run_writes_checkpoints_metrics_config_and_samples(uninterrupted):
 def test_resume_is_bit_identical(uninterrupted, tmp_path):
     reference, _ = uninterrupted
     workdir = str(tmp_path)
-    first = train.train_and_evaluate(
-        tiny_config(num_train_steps=3, checkpoint_every_steps=3), workdir
-    )
+    first = loop.train(tiny_config(num_train_steps=3, checkpoint_every_steps=3), workdir)
     assert int(first.step) == 3
-    resumed = train.train_and_evaluate(
-        tiny_config(num_train_steps=6, checkpoint_every_steps=3), workdir
-    )
+    resumed = loop.train(tiny_config(num_train_steps=6, checkpoint_every_steps=3), workdir)
     assert_trees_equal(resumed, reference)
 
 
@@ -99,13 +96,11 @@ def test_kill_9_then_resume_is_bit_identical(uninterrupted, tmp_path):
     # Continue from the last complete checkpoint up to a later multiple of 3, then compare
     # with an uninterrupted run of the same length.
     end = last + 3
-    resumed = train.train_and_evaluate(
-        tiny_config(num_train_steps=end, checkpoint_every_steps=3), workdir
-    )
+    resumed = loop.train(tiny_config(num_train_steps=end, checkpoint_every_steps=3), workdir)
     if end == 6:
         expected = reference
     else:
-        expected = train.train_and_evaluate(
+        expected = loop.train(
             tiny_config(num_train_steps=end, checkpoint_every_steps=3), str(tmp_path / "ref")
         )
     assert_trees_equal(resumed, expected)
@@ -209,8 +204,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     config = tiny_config(num_train_steps=50, checkpoint_every_steps=2)
     config.optim.learning_rate = 1e30  # parameters blow up within a few steps.
     config.optim.warmup_steps = 0
-    with pytest.raises(train.NonFiniteLossError, match=r"Non-finite loss or gradient at step \d+"):
-        train.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(errors.NonFiniteError, match=r"Non-finite loss or gradient at step \d+"):
+        loop.train(config, str(tmp_path))
     for step in checkpointing.Checkpointer(str(tmp_path), save_every_steps=2).all_steps():
         abstract = train.build(config, shd.make_mesh()).abstract
         state, _ = checkpointing.Checkpointer(str(tmp_path), save_every_steps=2).restore(
@@ -236,7 +231,7 @@ def test_bad_configs_fail_before_compiling(edit, match, tmp_path):
     edit(config)
     start = time.time()
     with pytest.raises(ValueError, match=match):
-        train.train_and_evaluate(config, str(tmp_path))
+        loop.train(config, str(tmp_path))
     assert time.time() - start < 30
     assert checkpointing.latest_step(str(tmp_path)) is None
 

@@ -3,7 +3,7 @@
     results = bench.run(config, bench.BenchSettings(batch_size=8), reference="torch")
     print(bench.format_table(results))
 
-The command line is `python -m ddpm_jax.benchmark` (see that module); BENCHMARKS.md at the
+The command line is `ddpm-jax-benchmark` (`bench/__main__.py`); BENCHMARKS.md at the
 repository root records measured figures.
 """
 

@@ -7,7 +7,7 @@ r"""Benchmark: training and sampling throughput, compile time, memory, FLOPs and
         --batch_size=128 --steps=20 --peak_tflops=989
 
 Measures, after compilation and warm-up, with device synchronisation, the median over
-`--repeats` of: the sharded train step of `train_and_evaluate` (steps/s, images/s), the
+`--repeats` of: the sharded train step of `train.loop.train` (steps/s, images/s), the
 forward pass with the EMA parameters, and the compiled ancestral sampler on a short
 respaced chain (per reverse step, against one forward pass, projected to the full T-step
 chain); compile times (the sampler's at two chain lengths, compiled but not run); FLOPs per
@@ -57,9 +57,8 @@ def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}.")
     cli.prepare_jax(xla_cpu_defaults=FLAGS.xla_cpu_defaults)
-    from ddpm_jax import bench
+    from ddpm_jax import bench, files
     from ddpm_jax.bench import common
-    from ddpm_jax.runtime import workdir as wd
 
     config, config_name = FLAGS.config, ""
     if config is None:  # the oracle and input parts measure no model of a config.
@@ -94,13 +93,13 @@ def main(argv):
     results["meta"]["command"] = " ".join(sys.argv)
     print(bench.format_table(results), flush=True)
     if FLAGS.json:
-        path = wd.resolve_path(FLAGS.json)
+        path = files.resolve_path(FLAGS.json)
         bench.write_json(results, path)
         print(f"Wrote {path}", flush=True)
 
 
 def run() -> None:
-    """Console entry point (`python -m ddpm_jax.bench`, also `python -m ddpm_jax.benchmark`)."""
+    """The `ddpm-jax-benchmark` console script (also `python -m ddpm_jax.benchmark`)."""
     cli.run(main, argv=sys.argv)
 
 

@@ -153,10 +153,10 @@ def main(argv: list[str]) -> None:
     cli.prepare_jax()
     import jax
 
+    from ddpm_jax import files
     from ddpm_jax.bench import report
-    from ddpm_jax.runtime import workdir as wd
 
-    path = wd.resolve_path(FLAGS.json)
+    path = files.resolve_path(FLAGS.json)
     record: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "devices": [str(d) for d in jax.devices()],

@@ -11,7 +11,7 @@ through each source, with `config.data.num_workers` 0 and 2:
   --file_format=array_record` stores cifar10), opened by name from its data_dir;
 - folder_png, folder_jpeg: a folder of PNG / JPEG (quality 90) files;
 - huggingface: a `datasets.Dataset` of PNG images saved with `save_to_disk`;
-- arrayrecord: the folder after `python -m ddpm_jax.data prepare` (raw pixels).
+- arrayrecord: the folder after `ddpm-jax-data prepare` (raw pixels).
 
 Each is timed exactly as training reads it: `pipeline.make_train_data(...).iterator()` (random
 flips on, two batches read ahead), the first batch untimed (start-up, worker spawn), then
@@ -105,6 +105,7 @@ def make_datasets(root: str, size: int, num_images: int) -> dict[str, dict[str, 
     """
     from ddpm_jax.data import prepare
     from ddpm_jax.data.config import DataConfig
+    from ddpm_jax.experiment import defaults
 
     rng = np.random.default_rng(size)
     png, jpeg = os.path.join(root, f"png{size}"), os.path.join(root, f"jpeg{size}")
@@ -134,7 +135,9 @@ def make_datasets(root: str, size: int, num_images: int) -> dict[str, dict[str, 
         datasets.Dataset.from_dict(table, features).save_to_disk(hf)
         out["huggingface"] = {"source": "huggingface", "path": hf}
     prepared = os.path.join(root, f"arrayrecord{size}")
-    data = DataConfig(name="bench", source="folder", path=png, image_size=size, channels=3)
+    data = DataConfig.from_dict(defaults.group(
+        "data", name="bench", source="folder", path=png, image_size=size, channels=3
+    ))  # fmt: skip
     prepare.prepare(data, prepared, workers=0)
     out["arrayrecord"] = {"source": "arrayrecord", "path": prepared}
     for entry in out.values():
@@ -147,10 +150,13 @@ def make_datasets(root: str, size: int, num_images: int) -> dict[str, dict[str, 
 
 def _data_config(fields: dict[str, Any], size: int, workers: int):
     from ddpm_jax.data.config import DataConfig
+    from ddpm_jax.experiment import defaults
 
     kw = {k: v for k, v in fields.items() if k != "bytes"}
     kw.setdefault("name", "bench")
-    return DataConfig(image_size=size, channels=3, random_flip=True, num_workers=workers, **kw)
+    return DataConfig.from_dict(defaults.group(
+        "data", image_size=size, channels=3, random_flip=True, num_workers=workers, **kw
+    ))  # fmt: skip
 
 
 def _throughput(data, batch_size: int, seconds: float, num_batches: int | None) -> dict:

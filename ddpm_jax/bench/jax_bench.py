@@ -1,12 +1,13 @@
 """ddpm_jax's own figures: the real sharded train step, the forward pass and the compiled sampler.
 
-Every program is jitted exactly as `train.train_and_evaluate` jits it (same in/out shardings,
+Every program is jitted exactly as `train.loop.train` jits it (same in/out shardings,
 the train state donated), lowered and compiled explicitly so that tracing+lowering and XLA
 compilation are timed apart, then warmed up and timed with `jax.block_until_ready`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -25,7 +26,7 @@ from ddpm_jax.bench.common import (
     sampling_figures,
     time_steps,
 )
-from ddpm_jax.experiment import ExperimentConfig, SamplingOptions
+from ddpm_jax.experiment import ExperimentConfig
 from ddpm_jax.experiment.chain_program import ChainProgram, raw_key
 from ddpm_jax.runtime import sharding as shd
 
@@ -219,9 +220,12 @@ class _TimedChain:
 
     def __init__(self, experiment, mesh, batch: int, num_steps: int, params, key, settings):
         T = experiment.schedule.num_timesteps
-        options = SamplingOptions(
-            settings.sampler,
-            0 if num_steps == T else int(num_steps),
+        options = dataclasses.replace(
+            experiment.config.sampling.options,
+            sampler=settings.sampler,
+            num_steps=0 if num_steps == T else int(num_steps),
+            eta=0.0,
+            order=2,
             timestep_spacing=settings.sample_spacing,
         )
         self.program = ChainProgram(experiment, mesh, batch, options)

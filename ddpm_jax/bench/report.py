@@ -11,9 +11,9 @@ from typing import Any
 import jax
 import ml_collections
 
+from ddpm_jax import files
 from ddpm_jax.bench import jax_bench
 from ddpm_jax.bench.common import MODEL_PARTS, BenchSettings, finite_or_none, peak_tflops_for
-from ddpm_jax.runtime import workdir
 
 REFERENCES = ("torch",)
 
@@ -123,7 +123,7 @@ def ratios(ours: dict[str, Any], ref: dict[str, Any]) -> dict[str, float | None]
 def write_json(results: dict[str, Any], path: str) -> None:
     """Writes `results` as indented JSON to `path` (atomically), in the order of `results`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    workdir.write_json(path, results, sort_keys=False)
+    files.write_json(path, results, sort_keys=False)
 
 
 # --------------------------------------------------------------------------- the table

@@ -1,16 +1,19 @@
 r"""Restart cost: time to first step with an empty and a warm compilation cache.
 
-    python -m ddpm_jax.bench.restart --config=configs/digits.py --dir=/tmp/restart \
+    ddpm-jax-restart --config=configs/digits.py --dir=/tmp/restart \
         [--caches=on,off] [--parts=train,sampler,eval] [--json=restart.json]
+
+(also `python -m ddpm_jax.bench.restart`; `--config.group.field=value` flags pass on to the
+training command).
 
 Each measurement is a new process, run the way a user runs it, in order:
 
-- `train`: `python -m ddpm_jax.main --config=... --workdir=...` for one step, then the same
+- `train`: `ddpm-jax train --config=... --workdir=...` for one step, then the same
   command resumed for a second step; the time from launching the command to the step's row in
   `metrics.jsonl` (start-up, restore, compiling the train step and the metrics' estimate, one
   step), and the command's whole wall time (with the checkpoint and the final sample grid);
 - `sampler`: `load_sampler(workdir)` then `sample(n)` in a new Python process, twice;
-- `eval`: `python -m ddpm_jax.main --workdir=... --mode=eval` on a few examples (one batch),
+- `eval`: `ddpm-jax eval --workdir=...` on a few examples (one batch),
   twice.
 
 With `on` every process shares one cache directory that starts empty (`<dir>/cache`); with `off`
@@ -28,6 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ddpm_jax.errors import ConfigError, WorkdirError
 from ddpm_jax.runtime.workdir import METRICS_FILE
 
 CACHES = ("on", "off")
@@ -110,11 +114,13 @@ def measure(
     """
     unknown = set(caches) - set(CACHES) | set(parts) - set(PARTS)
     if unknown:
-        raise ValueError(f"unknown caches/parts {sorted(unknown)}: caches {CACHES}, parts {PARTS}.")
+        raise ConfigError(
+            f"unknown caches/parts {sorted(unknown)}: caches {CACHES}, parts {PARTS}."
+        )
     if {"sampler", "eval"} & set(parts) and "train" not in parts:
-        raise ValueError("the sampler and eval parts sample and evaluate the workdir of train.")
+        raise ConfigError("the sampler and eval parts sample and evaluate the workdir of train.")
     if os.path.isdir(directory) and os.listdir(directory):
-        raise ValueError(f"{directory} is not empty: give a new or empty directory.")
+        raise WorkdirError(f"--dir={directory} is not empty: give a new or empty directory.")
     os.makedirs(directory, exist_ok=True)
     env = dict(os.environ)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the flag below decides.
@@ -165,38 +171,55 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
+def main(argv: list[str]) -> None:
+    from absl import flags
+    from ml_collections import config_flags
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--dir", required=True, help="New or empty; holds workdirs and cache.")
-    parser.add_argument("--caches", default=",".join(CACHES))
-    parser.add_argument("--parts", default=",".join(PARTS))
-    parser.add_argument("--num_images", type=int, default=8)
-    parser.add_argument("--eval_examples", type=int, default=8)
-    parser.add_argument("--json", default=None)
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments {bad}; only --config.group.field=value pass on.")
-    try:
-        results = measure(
-            args.config,
-            args.dir,
-            caches=args.caches.split(","),
-            parts=args.parts.split(","),
-            num_images=args.num_images,
-            eval_examples=args.eval_examples,
-            overrides=overrides,
-        )
-    except ValueError as e:
-        parser.error(str(e))
+    from ddpm_jax import cli, files
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}.")
+    if cli.loaded_config("config") is None or not FLAGS.dir:
+        cli.fail("--config and --dir are required, e.g. --config=configs/digits.py "
+                 "--dir=/tmp/restart.")  # fmt: skip
+    # The --config.group.field=value flags, as given, for the training command.
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    results = measure(
+        files.resolve_path(config_flags.get_config_filename(FLAGS["config"])),
+        files.resolve_path(FLAGS.dir),
+        caches=FLAGS.caches,
+        parts=FLAGS.parts,
+        num_images=FLAGS.num_images,
+        eval_examples=FLAGS.eval_examples,
+        overrides=overrides,
+    )
     print(table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    if FLAGS.json:
+        files.write_json(files.resolve_path(FLAGS.json), results, sort_keys=False)
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    # A config file flag, so that --config.group.field=value parses (and is checked) here.
+    config_flags.DEFINE_config_file("config", None, "The experiment config file to train.")
+    flags.DEFINE_string("dir", None, "New or empty; holds the workdirs, the cache and logs.")
+    flags.DEFINE_list("caches", list(CACHES), "Cache settings to measure: on, off.")
+    flags.DEFINE_list("parts", list(PARTS), "What to measure: train, sampler, eval.")
+    flags.DEFINE_integer("num_images", 8, "Images the sampler part draws.")
+    flags.DEFINE_integer("eval_examples", 8, "Examples of the eval part's bound.")
+    flags.DEFINE_string("json", None, "Write the results to this JSON file.")
+
+
+def run() -> None:
+    """The `ddpm-jax-restart` console script (also `python -m ddpm_jax.bench.restart`)."""
+    from ddpm_jax import cli
+
+    _define_flags()
+    cli.run(main, argv=sys.argv)
 
 
 if __name__ == "__main__":
-    main()
+    run()

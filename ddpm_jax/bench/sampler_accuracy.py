@@ -159,7 +159,7 @@ def mixture_errors(sched, *, n=4000, spacing="logsnr") -> dict[str, Any]:
 
 def step_costs(config, batch_size: int, repeats: int = 3, num_steps: int = 10) -> dict[str, Any]:
     """(c): seconds per reverse step of each sampler on the config's U-Net, and / forward."""
-    from ddpm_jax.experiment import Experiment, SamplingOptions
+    from ddpm_jax.experiment import Experiment
     from ddpm_jax.experiment.chain_program import ChainProgram, raw_key
     from ddpm_jax.runtime import sharding as shd
 
@@ -174,7 +174,14 @@ def step_costs(config, batch_size: int, repeats: int = 3, num_steps: int = 10) -
     out = {"forward_s": per_forward, "num_steps": num_steps, "samplers": {}}
     labels = np.full((batch_size,), -1, np.int32)
     for label, sampler, order in SAMPLERS:
-        options = SamplingOptions(sampler, num_steps, order=order, timestep_spacing="logsnr")
+        options = dataclasses.replace(
+            exp.config.sampling.options,
+            sampler=sampler,
+            num_steps=num_steps,
+            eta=0.0,
+            order=order,
+            timestep_spacing="logsnr",
+        )
         program = ChainProgram(exp, mesh, batch_size, options)
 
         def run(program=program):

@@ -1,9 +1,9 @@
 r"""Data tools.
 
-    python -m ddpm_jax.data prepare --source=folder --path=DIR --out=OUT \
+    ddpm-jax-data prepare --source=folder --path=DIR --out=OUT \
         [--image_size=32] [--channels=3] [--labels_from_folders] [--eval_fraction=0.05] \
         [--encoding=raw|png] [--workers=N] [--overwrite]
-    python -m ddpm_jax.data prepare --source=huggingface --path=SAVED_DIR|hf://NAME --out=OUT \
+    ddpm-jax-data prepare --source=huggingface --path=SAVED_DIR|hf://NAME --out=OUT \
         [--image_key=image] [--label_key=label|none] ...
 
 `prepare` decodes every image of the source once, centre-crops and resizes it to
@@ -52,11 +52,13 @@ def main(argv: list[str]) -> None:
             cli.fail(f"--{name} is required.")
     from ddpm_jax.data import prepare
     from ddpm_jax.data.config import DataConfig
-    from ddpm_jax.runtime.workdir import resolve_path
+    from ddpm_jax.experiment import defaults
+    from ddpm_jax.files import resolve_path
 
     label_key = None if FLAGS.label_key.lower() in ("none", "") else FLAGS.label_key
     try:
-        data = DataConfig(
+        data = DataConfig.from_dict(defaults.group(
+            "data",
             name="prepare",
             source=FLAGS.source,
             path=resolve_path(FLAGS.path),
@@ -67,7 +69,7 @@ def main(argv: list[str]) -> None:
             image_key=FLAGS.image_key,
             label_key=label_key,
             data_dir=resolve_path(FLAGS.data_dir),
-        )
+        ))  # fmt: skip
         out = resolve_path(FLAGS.out)
         info = prepare.prepare(
             data, out, encoding=FLAGS.encoding, workers=FLAGS.workers, overwrite=FLAGS.overwrite
@@ -85,7 +87,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """Console entry point (`python -m ddpm_jax.data`)."""
+    """The `ddpm-jax-data` console script (also `python -m ddpm_jax.data`)."""
     cli.run(main, argv=sys.argv)
 
 

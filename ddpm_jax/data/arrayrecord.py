@@ -1,6 +1,6 @@
 """`config.data.source = "arrayrecord"`: images `prepare` decoded and resized once, on disk.
 
-A prepared directory (`python -m ddpm_jax.data prepare ... --out=DIR`) holds
+A prepared directory (`ddpm-jax-data prepare ... --out=DIR`) holds
 
     info.json                 format, image_size, channels, encoding, classes, splits
     <split>.array_record      one record per example, in the source's order
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from array_record.python import array_record_data_source, array_record_module
 
-from ddpm_jax.data import images
+from ddpm_jax.data import decode
 from ddpm_jax.data.config import DataConfig, OpenedSplit
 from ddpm_jax.errors import DataError, DataNotFoundError
 
@@ -46,7 +46,7 @@ def encode(image: np.ndarray, label: int | None, encoding: str) -> bytes:
     """One record: label (int64 LE, -1 if None) + the uint8 [S, S, C] image as `encoding`."""
     head = (-1 if label is None else int(label)).to_bytes(_LABEL_BYTES, "little", signed=True)
     body = np.ascontiguousarray(image, np.uint8).tobytes() if encoding == "raw" else (
-        images.encode_png(image))  # fmt: skip
+        decode.encode_png(image))  # fmt: skip
     return head + body
 
 
@@ -82,7 +82,7 @@ class ArrayRecordSource(Sequence):
                                 f"{_LABEL_BYTES + size}; prepare the dataset again.")  # fmt: skip
             image = np.frombuffer(record, np.uint8, size, _LABEL_BYTES).reshape(self._shape)
         else:
-            image = images.decode(record[_LABEL_BYTES:], self.image_size, self.channels)
+            image = decode.decode(record[_LABEL_BYTES:], self.image_size, self.channels)
         if not self.labelled:
             return {"image": image}
         return {"image": image, "label": int.from_bytes(record[:_LABEL_BYTES], "little",
@@ -127,7 +127,7 @@ def read_info(path: str) -> dict:
     if not os.path.exists(path):
         raise DataNotFoundError(
             f"config.data.path={path!r} does not exist; config.data.source='arrayrecord' "
-            "reads a directory written by `python -m ddpm_jax.data prepare --out=DIR`."
+            "reads a directory written by `ddpm-jax-data prepare --out=DIR`."
         )
     file = os.path.join(path, INFO_FILE)
     try:
@@ -135,8 +135,8 @@ def read_info(path: str) -> dict:
             info = json.load(f)
     except (OSError, ValueError) as e:
         raise DataError(
-            f"config.data.path={path!r} is not a dataset prepared by `python -m ddpm_jax.data "
-            f"prepare` ({INFO_FILE}: {e}); prepare one there, or set config.data.source."
+            f"config.data.path={path!r} is not a dataset prepared by `ddpm-jax-data "
+            "prepare` ({INFO_FILE}: {e}); prepare one there, or set config.data.source."
         ) from e
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise DataError(f"{file} is not a ddpm_jax prepared-dataset description.")

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from ddpm_jax import fields
-from ddpm_jax.errors import ConfigError
 
 # Values of config.data.source (see `DataConfig.source`).
 SOURCES = ("tfds", "folder", "huggingface", "arrayrecord")
@@ -19,7 +18,7 @@ SOURCES = ("tfds", "folder", "huggingface", "arrayrecord")
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """The `config.data` group (configs/default.py documents each field).
+    """The `config.data` group (`ddpm_jax/experiment/defaults.py` documents each field).
 
     Attributes:
       name: with source "tfds": "digits" (embedded, offline) or a TFDS catalog name, e.g.
@@ -28,7 +27,6 @@ class DataConfig:
         single Hugging Face `Dataset`: "train" (the files not held out) or "test" (the
         `eval_fraction` held out); a Hugging Face `DatasetDict` and "arrayrecord": the
         name of one of its splits.
-      eval_split: the split to evaluate on (names as for `split`).
       image_size: height = width of the images fed to the model, in pixels.
       channels: image channels (1 grey, 3 RGB; 2 and 4 keep alpha for "folder" and
         "huggingface").
@@ -40,7 +38,7 @@ class DataConfig:
       source: where the examples come from, one of `SOURCES`: "tfds" (`name` in `data_dir`),
         "folder" (image files under `path`), "huggingface" (a dataset saved with
         `save_to_disk` at `path`, or `path` = "hf://NAME" from the `datasets` cache),
-        "arrayrecord" (what `python -m ddpm_jax.data prepare` wrote to `path`).
+        "arrayrecord" (what `ddpm-jax-data prepare` wrote to `path`).
       path: the folder, saved dataset or prepared directory of the non-TFDS sources (an
         absolute path once the entry point has resolved it); None for "tfds".
       labels_from_folders: "folder" only: label each image with the index of its
@@ -55,22 +53,21 @@ class DataConfig:
     """
 
     name: str
-    split: str = "train"
-    eval_split: str = "test"
-    image_size: int = 32
-    channels: int = 3
-    random_flip: bool = False
-    data_dir: str | None = None
-    num_workers: int = 0
-    source: str = "tfds"
-    path: str | None = None
-    labels_from_folders: bool = False
-    eval_fraction: float = 0.0
-    image_key: str = "image"
-    label_key: str | None = "label"
+    split: str
+    image_size: int
+    channels: int
+    random_flip: bool
+    data_dir: str | None
+    num_workers: int
+    source: str
+    path: str | None
+    labels_from_folders: bool
+    eval_fraction: float
+    image_key: str
+    label_key: str | None
 
     def __post_init__(self):
-        for field in ("name", "split", "eval_split"):
+        for field in ("name", "split"):
             fields.string(f"data.{field}", getattr(self, field))
         fields.integer("data.image_size", self.image_size, 1)
         fields.integer("data.channels", self.channels, 1, 4)
@@ -101,7 +98,7 @@ class DataConfig:
                 "folder": "the directory of the image files",
                 "huggingface": "a directory written by datasets' save_to_disk, or hf://NAME "
                 "for a dataset in the datasets cache",
-                "arrayrecord": "the directory `python -m ddpm_jax.data prepare` wrote",
+                "arrayrecord": "the directory `ddpm-jax-data prepare` wrote",
             }[self.source]
             raise fields.fail(
                 "data.path", None, f"config.data.source = {self.source!r} needs {what}."
@@ -129,21 +126,12 @@ class DataConfig:
         """Reads `config.data` of an experiment config (or accepts a `DataConfig`)."""
         if isinstance(config, DataConfig):
             return config
-        data = config.data
-        data = dict(data.to_dict() if hasattr(data, "to_dict") else data)
-        return cls.from_dict(data)
+        return cls.from_dict(fields.group_values(config, "data"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DataConfig:
         """Builds from the fields of `config.data` as a mapping; every field is required."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        fields.unknown_fields("data", list(data), known)
-        missing = [k for k in known if k not in data]
-        if missing:
-            raise ConfigError(
-                f"config.data is missing field(s) {missing}; start from configs/default.py."
-            )
-        return cls(**data)
+        return fields.view_of_group(cls, "data", data)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
     source, name, num_classes = open_folder(data, "train", "config.data.split")
 
 The file list is fixed when the split is opened: every file whose name ends in one of
-`images.IMAGE_SUFFIXES` (any case), found by walking the folder in sorted order (hidden
+`decode.IMAGE_SUFFIXES` (any case), found by walking the folder in sorted order (hidden
 files and folders, whose names start with ".", are skipped; other files are ignored; both
 are counted in the log). Paths are sorted as strings relative to `config.data.path`, so index
 i is the same file on every machine and in every process, and batch s of the pipeline stays a
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from ddpm_jax.data import images, splits
+from ddpm_jax.data import decode, splits
 from ddpm_jax.data.config import DataConfig, OpenedSplit
 from ddpm_jax.errors import DataError, DataNotFoundError
 
@@ -64,12 +64,12 @@ class FolderSource(Sequence):
         """Example `index`: `image` uint8 [S, S, C] and, when labelled, `label` int."""
         path = os.path.join(self.root, self.files[int(index)])
         try:
-            image = images.decode(path, self.image_size, self.channels)
-        except images.DECODE_ERRORS as e:
+            image = decode.decode(path, self.image_size, self.channels)
+        except decode.DECODE_ERRORS as e:
             raise DataError(
                 f"cannot decode image file {path}: {e}; its header read when the run started, "
                 "but its pixels do not. Replace it (same name) and run again to resume, or "
-                "remove it and start a new run (`python -m ddpm_jax.data prepare` decodes "
+                "remove it and start a new run (`ddpm-jax-data prepare` decodes "
                 "every file once and finds such files before training)."
             ) from e
         if self.labels is None:
@@ -97,7 +97,7 @@ def scan(root: str) -> tuple[list[tuple[str, int, int]], list[str]]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in names:
             rel = rel_top + name
-            if name.startswith(".") or not name.lower().endswith(images.IMAGE_SUFFIXES):
+            if name.startswith(".") or not name.lower().endswith(decode.IMAGE_SUFFIXES):
                 ignored.append(rel)
                 continue
             try:
@@ -114,7 +114,7 @@ def _header(path: str) -> tuple[int, int] | str:
     try:
         with Image.open(path) as image:
             return image.size
-    except images.DECODE_ERRORS as e:
+    except decode.DECODE_ERRORS as e:
         return str(e) or type(e).__name__
 
 
@@ -192,7 +192,7 @@ def open_folder(data: DataConfig, split: str, field: str) -> OpenedSplit:
         example = f", e.g. {ignored[0]!r}" if ignored else ""
         raise DataError(
             f"config.data.path={data.path!r} holds no image files (names ending in "
-            f"{', '.join(images.IMAGE_SUFFIXES)}); {len(ignored)} other file(s) ignored"
+            f"{', '.join(decode.IMAGE_SUFFIXES)}); {len(ignored)} other file(s) ignored"
             f"{example}."
         )
     paths = [rel for rel, _, _ in found]

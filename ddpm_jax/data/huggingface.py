@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ddpm_jax.data import images, splits
+from ddpm_jax.data import decode, splits
 from ddpm_jax.data.config import DataConfig, OpenedSplit
 from ddpm_jax.errors import DataError, DataNotFoundError
 
@@ -98,7 +98,7 @@ class HuggingFaceSource:
         row = int(self.rows[index])
         try:
             image = self._image(row)
-        except images.DECODE_ERRORS as e:
+        except decode.DECODE_ERRORS as e:
             raise DataError(
                 f"row {row} of the Hugging Face dataset (column {self.image_key!r}) is not an "
                 f"image that can be decoded: {e}"
@@ -111,7 +111,7 @@ class HuggingFaceSource:
         if self._image_feature:
             value = self._encoded(row)
             if value is not None and (value.get("bytes") or value.get("path")):
-                return images.decode(value["bytes"] or value["path"], self.image_size,
+                return decode.decode(value["bytes"] or value["path"], self.image_size,
                                      self.channels)  # fmt: skip
         value = self.dataset[row][self.image_key]  # formatted by datasets: PIL or array
         if value is None:
@@ -121,7 +121,7 @@ class HuggingFaceSource:
             if array.dtype != np.uint8 or array.ndim not in (2, 3):
                 raise ValueError(f"it holds {array.dtype} {array.shape}, not uint8 [H, W(, C)]")
             value = Image.fromarray(array[:, :, 0] if array.shape[2:] == (1,) else array)
-        return images.to_array(value, self.image_size, self.channels)
+        return decode.to_array(value, self.image_size, self.channels)
 
 
 @contextlib.contextmanager
@@ -196,7 +196,7 @@ def _dataset_of_split(data: DataConfig, loaded: Any, split: str, field: str):
             raise DataError(
                 f"config.data.eval_fraction={data.eval_fraction} holds out part of a single "
                 f"dataset, but {data.path} has its own splits {names}; set "
-                "config.data.eval_fraction=0 and config.data.eval_split to one of them."
+                "config.data.eval_fraction=0 and config.data.split / config.eval.split to them."
             )
         dataset = loaded[split]
         return dataset, np.arange(len(dataset), dtype=np.int64)

@@ -11,9 +11,9 @@ Process p of P reads only rows [p·B/P, (p+1)·B/P) of each global batch. Images
 float32 NHWC in [-1, 1] (uint8 x ↦ x / 127.5 − 1) with int32 labels; turning the per-process
 arrays into global `jax.Array`s is `ddpm_jax.runtime.sharding`'s job.
 
-Opening and checking the split (`get_dataset_info`, `open_split`) lives in
-`ddpm_jax.data.sources` and the typed `config.data` (`DataConfig`, `DatasetInfo`) in
-`ddpm_jax.data.config`; both are re-exported here.
+Opening and checking the split (`get_dataset_info`, `open_split`) is
+`ddpm_jax.data.sources`' job; the typed `config.data` (`DataConfig`, `DatasetInfo`) is in
+`ddpm_jax.data.config`.
 """
 
 from __future__ import annotations
@@ -26,21 +26,17 @@ from typing import Any
 import grain
 import numpy as np
 
-from ddpm_jax.data.config import DataConfig, DatasetInfo
-from ddpm_jax.data.images import center_crop_resize as _center_crop_resize
-from ddpm_jax.data.sources import data_and_classes, get_dataset_info, open_split
+from ddpm_jax.data.config import DatasetInfo
+from ddpm_jax.data.decode import center_crop_resize as _center_crop_resize
+from ddpm_jax.data.sources import data_and_classes, open_split
 
 __all__ = [
     "BatchIterator",
-    "DataConfig",
-    "DatasetInfo",
     "EvalData",
     "TrainData",
     "eval_batches",
-    "get_dataset_info",
     "make_eval_data",
     "make_train_data",
-    "open_split",
     "train_batches",
 ]
 
@@ -307,7 +303,7 @@ def make_eval_data(
     global_batch_size: int,
     process_index: int,
     process_count: int,
-    split: str | None = None,
+    split: str,
     num_examples: int = 0,
     num_classes: int | None = None,
 ) -> EvalData:
@@ -318,13 +314,13 @@ def make_eval_data(
       global_batch_size: batch size over all processes (config.eval.batch_size).
       process_index: this process.
       process_count: number of processes; must divide the batch.
-      split: defaults to `config.data.eval_split`.
+      split: the split to read (`config.eval.split`, or `config.data.split` for FID's
+        reference statistics).
       num_examples: evaluate the first this many examples; 0 means the whole split.
       num_classes: the model's classes, checked against the labels (see `open_split`).
     """
     data, num_classes = data_and_classes(config, num_classes)
     local = _check_sharding(global_batch_size, process_index, process_count)
-    split = data.eval_split if split is None else split
     source, info = open_split(data, split, num_classes=num_classes)
     n = info.num_examples if num_examples <= 0 else min(num_examples, info.num_examples)
     dataset = eval_batches(

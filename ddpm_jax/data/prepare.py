@@ -20,7 +20,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 from ddpm_jax.data import arrayrecord, huggingface, splits
 from ddpm_jax.data.config import DataConfig, OpenedSplit
 from ddpm_jax.errors import DataError
+from ddpm_jax.files import atomic_path
 
 SOURCES = ("folder", "huggingface")
 _CHUNK = 256  # examples per task of a worker process
@@ -135,16 +135,9 @@ def prepare(
     opened = {k: v for k, v in opened.items() if len(v.source)}
     if not opened:
         raise DataError(f"--path={data.path}: every split is empty; nothing to prepare.")
-    partial = f"{out}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    try:
+    with atomic_path(out, replace_dir=True) as partial:
+        os.makedirs(partial)
         info = _write(data, opened, partial, encoding, workers)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(partial, out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     return info
 
 

@@ -9,7 +9,7 @@
   command that prepares it.
 - "folder" (`ddpm_jax.data.folder`): the image files under `config.data.path`.
 - "huggingface" (`ddpm_jax.data.huggingface`): a saved or cached `datasets` dataset.
-- "arrayrecord" (`ddpm_jax.data.arrayrecord`): what `python -m ddpm_jax.data prepare` wrote.
+- "arrayrecord" (`ddpm_jax.data.arrayrecord`): what `ddpm-jax-data prepare` wrote.
 
 Every source gives the same thing, index → {"image": uint8 [S, S, C], "label": int}, and
 goes through the same checks; the Grain pipeline (`ddpm_jax.data.pipeline`) cannot tell
@@ -93,11 +93,10 @@ def open_split(
     `get_dataset_info`.
     """
     data, wanted = data_and_classes(config, num_classes)
-    field = "config.data.split"
     if split is None:
         split = data.split
-    elif split == data.eval_split:
-        field = "config.data.eval_split"
+    # The split to train on is config.data.split; any other is the evaluation's.
+    field = "config.data.split" if split == data.split else "config.eval.split"
     if data.source != "tfds":
         opened = OPENERS[data.source](data, split, field)
         return opened.source, _check_opened(data, split, field, opened, wanted, global_batch_size)

@@ -20,7 +20,7 @@ import numpy as np
 from ddpm_jax import likelihood
 from ddpm_jax.data import pipeline, sources
 from ddpm_jax.experiment import Experiment, ExperimentConfig, Stream, stream_key
-from ddpm_jax.inference.sampler import Sampler
+from ddpm_jax.inference.trained_model import TrainedModel
 from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime.progress import Progress
 
@@ -107,24 +107,24 @@ def timestep_blocks(num_timesteps: int, chunk: int) -> list[np.ndarray]:
     return [np.minimum(b, num_timesteps - 1).astype(np.int32) for b in ts.reshape(-1, size)]
 
 
-def split_bits_per_dim(sampler: Sampler) -> BitsPerDimResult:
+def split_bits_per_dim(model: TrainedModel) -> BitsPerDimResult:
     """The bound over `config.eval.split` (first `config.eval.num_examples`; 0: all).
 
     Batches of `config.eval.batch_size` (a multiple of the device count) are sharded over
     the mesh; the last one is padded and its padding masked out. Each batch's T timesteps run
     in `BLOCKS` jitted calls, so that progress is shown in forward passes as it happens.
     """
-    mesh, cfg = sampler.mesh, sampler.config
+    mesh, cfg = model.mesh, model.config
     cfg.check_devices(mesh.devices.size, jax.process_count(), mode="eval")
     p, num_p = jax.process_index(), jax.process_count()
-    info = sources.get_dataset_info(cfg.data, cfg.eval.split, num_classes=sampler.num_classes)
+    info = sources.get_dataset_info(cfg.data, cfg.eval.split, num_classes=model.num_classes)
     n = info.num_examples if cfg.eval.num_examples <= 0 else cfg.eval.num_examples
     # Fewer examples than a batch: a smaller batch, not one mostly of padding.
     multiple = int(np.lcm(mesh.devices.size, num_p))
     batch_size = min(cfg.eval.batch_size, -(-min(n, info.num_examples) // multiple) * multiple)
     data = pipeline.make_eval_data(
         cfg.data,
-        num_classes=sampler.num_classes,
+        num_classes=model.num_classes,
         global_batch_size=batch_size,
         process_index=p,
         process_count=num_p,
@@ -133,11 +133,11 @@ def split_bits_per_dim(sampler: Sampler) -> BitsPerDimResult:
     )
     batch_sh, replicated = shd.batch_sharding(mesh), shd.replicated(mesh)
     block_fn = jax.jit(
-        make_bpd_block_fn(sampler.experiment, bpd_key(cfg)),
-        in_shardings=(shd.shardings_of(sampler.params), *[batch_sh] * 4, replicated),
+        make_bpd_block_fn(model.experiment, bpd_key(cfg)),
+        in_shardings=(shd.shardings_of(model.params), *[batch_sh] * 4, replicated),
         out_shardings=replicated,
     )
-    T = sampler.sched.num_timesteps
+    T = model.sched.num_timesteps
     blocks = timestep_blocks(T, cfg.eval.bpd_timestep_chunk)
     local = data.local_batch_size
     terms, prior, count = np.zeros(T), 0.0, 0.0
@@ -147,7 +147,7 @@ def split_bits_per_dim(sampler: Sampler) -> BitsPerDimResult:
         index = (k * batch_size + p * local + np.arange(local)).astype(np.int32)
         host = shd.host_to_global((batch["image"], batch["label"], index, batch["mask"]), mesh)
         for ts in blocks:
-            block_terms, block_prior, rows = jax.device_get(block_fn(sampler.params, *host, ts))
+            block_terms, block_prior, rows = jax.device_get(block_fn(model.params, *host, ts))
             first = np.unique(ts, return_index=True)[1]  # the padding repeats T - 1.
             terms[ts[first]] += np.asarray(block_terms, np.float64)[first]
             bar.update(int(rows) * first.size)

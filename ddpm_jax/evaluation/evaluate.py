@@ -1,6 +1,6 @@
 """`--mode=eval`: the likelihood bound in bits/dim over a split, and FID, of a workdir.
 
-    python -m ddpm_jax.main --workdir=workdirs/digits --mode=eval \
+    ddpm-jax eval --workdir=workdirs/digits \
         [--config.eval.inception_weights=/path/fid_inception_v3.npz]
 
 Both use the EMA parameters of the newest checkpoint. Results go to
@@ -21,10 +21,11 @@ from typing import Any
 import jax
 import ml_collections
 
+from ddpm_jax import files
 from ddpm_jax.evaluation import bpd as bpd_lib
 from ddpm_jax.evaluation import fid_score as fid_lib
-from ddpm_jax.inference.sampler import Sampler
-from ddpm_jax.inference.write_samples import save_npz
+from ddpm_jax.experiment import changes
+from ddpm_jax.inference.trained_model import TrainedModel
 from ddpm_jax.runtime import metrics
 from ddpm_jax.runtime import workdir as wd
 
@@ -39,10 +40,10 @@ def evaluate(
 
     Args:
       config: the command-line config; the model, data and schedule come from
-        `<workdir>/config.json` (see `workdir.resolve_config`); None: all of config.json.
+        `<workdir>/config.json` (see `experiment.changes.resolve_config`); None: all of config.json.
       workdir: the training run's workdir.
       config_overrides: dotted-path changes applied after that resolution (see
-        `workdir.run_config`), e.g. `{"diffusion.variance": "fixedsmall"}`.
+        `experiment.changes.run_config`), e.g. `{"diffusion.variance": "fixedsmall"}`.
 
     Returns:
       {"step", "split", "num_examples", "bpd", "bpd_decoder_L0", "bpd_diffusion_sum_Lt",
@@ -50,21 +51,21 @@ def evaluate(
       "fid_num_samples", "fid_reference"} or {"fid_skipped"}; also written to
       `<workdir>/eval/bpd_step<step>.json` by process 0.
     """
-    workdir = wd.resolve_path(workdir)
-    sampler = Sampler.from_config(wd.run_config(config, workdir, config_overrides), workdir)
-    cfg, step = sampler.config, sampler.step
-    cfg.check_devices(sampler.mesh.devices.size, jax.process_count(), mode="eval")
+    workdir = files.resolve_path(workdir)
+    model = TrainedModel.from_config(changes.run_config(config, workdir, config_overrides), workdir)
+    cfg, step = model.config, model.step
+    cfg.check_devices(model.mesh.devices.size, jax.process_count(), mode="eval")
     weights = fid_lib.load_weights(cfg)  # bad weights fail now, not after the bound.
     start = time.perf_counter()
-    bpd = bpd_lib.split_bits_per_dim(sampler)
+    bpd = bpd_lib.split_bits_per_dim(model)
     results: dict[str, Any] = {
         "step": step,
         "split": cfg.eval.split,
         "num_examples": bpd.num_examples,
         **bpd.scalars(),
-        "conditional": sampler.num_classes > 0,
-        "variance": sampler.reverse.variance,
-        "clip_denoised": sampler.reverse.clip_denoised,
+        "conditional": model.num_classes > 0,
+        "variance": model.reverse.variance,
+        "clip_denoised": model.reverse.clip_denoised,
     }
     logging.info(
         "Step %d: %.4f bits/dim on %s (%d examples; L_0 %.4f, sum L_t %.4f, L_T %.4g; %.0f s).",
@@ -74,11 +75,11 @@ def evaluate(
     stem = os.path.join(workdir, wd.EVAL_SUBDIR, f"bpd_step{step}")
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(stem), exist_ok=True)
-        save_npz(stem + "_terms.npz", terms=bpd.terms)
-        wd.write_json(stem + ".json", results)  # kept even if FID fails.
-    results.update(fid_lib.fid_score(sampler, weights))
+        files.save_npz(stem + "_terms.npz", terms=bpd.terms)
+        files.write_json(stem + ".json", results)  # kept even if FID fails.
+    results.update(fid_lib.fid_score(model, weights))
     if jax.process_index() == 0:
-        wd.write_json(stem + ".json", results)
+        files.write_json(stem + ".json", results)
         writer = metrics.MetricWriter(os.path.dirname(stem))
         writer.write_scalars(step, {k: v for k, v in results.items() if isinstance(v, float)})
         writer.close()

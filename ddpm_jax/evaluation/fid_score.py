@@ -23,7 +23,8 @@ from ddpm_jax.data import pipeline, sources
 from ddpm_jax.data.config import DataConfig
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.experiment import ExperimentConfig
-from ddpm_jax.inference.sampler import Sampler, raw_key
+from ddpm_jax.experiment.chain_program import raw_key
+from ddpm_jax.inference.trained_model import TrainedModel
 from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime.progress import Progress
 
@@ -121,11 +122,11 @@ def reference_statistics(
 
 
 def sample_statistics(
-    sampler: Sampler, features_fn: Callable, num_samples: int, seed: int
+    model: TrainedModel, features_fn: Callable, num_samples: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the features of `num_samples` samples drawn with key PRNGKey(seed)."""
     stats = None
-    for chunk in sampler.iter_chunks(num_samples, raw_key(seed, seed), progress=True):
+    for chunk in model.iter_chunks(num_samples, raw_key(seed, seed), progress=True):
         stats = _update(stats, features_fn(chunk.images)[: chunk.num_valid])
     return fid.mean_and_covariance(stats)
 
@@ -159,34 +160,34 @@ def cache_dir(config: ExperimentConfig) -> str:
 
 
 def fid_score(
-    sampler: Sampler, weights: tuple[fid.InceptionWeights | None, str | None] | None = None
+    model: TrainedModel, weights: tuple[fid.InceptionWeights | None, str | None] | None = None
 ) -> dict[str, Any]:
     """FID of `config.eval.fid_num_samples` samples against the training split.
 
     Args:
-      sampler: the workdir's sampler (its config's `eval` and `sampling` groups are used).
-      weights: `load_weights(sampler.config)`'s result, if already loaded.
+      model: the workdir's model (its config's `eval` and `sampling` groups are used).
+      weights: `load_weights(model.config)`'s result, if already loaded.
 
     Returns:
       {"fid", "fid_num_samples", "fid_reference"}, or {"fid_skipped": reason} (logged as
       one "FID skipped: <reason>" line) when it cannot run.
     """
-    config = sampler.config
+    config = model.config
     weights, reason = load_weights(config) if weights is None else weights
     if weights is None:
         logging.warning("FID skipped: %s", reason)
         return {"fid_skipped": reason}
     num = config.eval.fid_num_samples
     start = time.perf_counter()
-    features_fn = make_fid_features_fn(weights.variables, sampler.mesh)
+    features_fn = make_fid_features_fn(weights.variables, model.mesh)
     ref_path, ref = reference_statistics(
-        config, features_fn, sampler.mesh, weights.fingerprint, cache_dir(config)
+        config, features_fn, model.mesh, weights.fingerprint, cache_dir(config)
     )
-    mu, sigma = sample_statistics(sampler, features_fn, num, config.sampling.seed)
+    mu, sigma = sample_statistics(model, features_fn, num, config.sampling.seed)
     score = fid.frechet_distance(mu, sigma, *ref) if ref is not None else 0.0
     score = float(shd.from_process_0(np.asarray(score, np.float64)))
     logging.info(
         "FID %.4g of %d samples at step %d (%.0f s).",
-        score, num, sampler.step, time.perf_counter() - start,
+        score, num, model.step, time.perf_counter() - start,
     )  # fmt: skip
     return {"fid": score, "fid_num_samples": num, "fid_reference": str(ref_path)}

@@ -1,7 +1,7 @@
 """One chunk of samples from an experiment's network: per-image chains, sharded, run in segments.
 
-    program = ChainProgram(experiment, mesh, padded=64, options=SamplingOptions())
-    images, labels = program(params, raw_key(seed), index=0, labels=np.full(64, -1))
+    program = ChainProgram(experiment, mesh, padded=64, options=config.sampling.options)
+    images, labels = program(params, raw_key(seed, seed), index=0, labels=np.full(64, -1))
 
 Image j of chunk c of a request with key k uses key `fold_in(fold_in(k, c), j)`, split into
 its chain's key and its class label's key. Each image is a function of its own key alone

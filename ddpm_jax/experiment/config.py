@@ -4,54 +4,27 @@
     cfg.check_devices(num_devices, process_count)    # what depends on the mesh
     cfg.diffusion.reverse                            # ReverseProcess(parameterization, ...)
 
-Each group of `configs/default.py` (documented in `ddpm_jax/experiment/defaults.py`) has its
-view here, `data.DataConfig` and `models.ModelConfig` included. A bad value fails here, in
-seconds and before anything compiles, with one message naming the field, the value and what
-is allowed (`ddpm_jax.fields`). The views are hashable, so they can key compiled functions.
+Each group of the config (every field defined and documented, with its default, in
+`ddpm_jax/experiment/defaults.py`, the one source of defaults) has its view here,
+`data.DataConfig` and `models.ModelConfig` included; the views state no defaults of their own.
+A bad value fails here, in seconds and before anything compiles, with one message naming the
+field, the value and what is allowed (`ddpm_jax.fields`). The views are hashable, so they can
+key compiled functions.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from ddpm_jax import diffusion, fields, sampling, schedules, solvers, timesteps
+from ddpm_jax import diffusion, fields, losses, sampling, schedules, solvers, timesteps
 from ddpm_jax.data.config import DataConfig
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.models.config import ModelConfig
 
 GROUPS = ("data", "model", "diffusion", "training", "optim", "sampling", "eval", "mesh")
-
-
-def _group_dict(config: Any, group: str) -> dict[str, Any]:
-    if not isinstance(config, Mapping) and not hasattr(config, "keys"):
-        raise ConfigError(
-            f"a config must be an ml_collections ConfigDict with groups {list(GROUPS)}, got "
-            f"{type(config).__name__}; start from configs/default.py get_config()."
-        )
-    if group not in config.keys():
-        raise ConfigError(
-            f"config has no group {group!r} (it has {sorted(config.keys())}); every config "
-            "starts from configs/default.py get_config(), which defines all of "
-            f"{list(GROUPS)}."
-        )
-    value = config[group]
-    return dict(value.to_dict() if hasattr(value, "to_dict") else value)
-
-
-def _from_group(cls, group: str, values: Mapping[str, Any]):
-    """Builds a view from its group's fields; unknown and missing fields are errors."""
-    known = [f.name for f in dataclasses.fields(cls)]
-    fields.unknown_fields(group, list(values), known)
-    missing = [k for k in known if k not in values]
-    if missing:
-        raise ConfigError(
-            f"config.{group} is missing field(s) {missing}; start from configs/default.py."
-        )
-    return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +33,14 @@ class ReverseProcess:
 
     Attributes:
       parameterization: what the network predicts: "x0", "eps" or "v".
-      variance: the reverse-step variance: "fixedsmall" or "fixedlarge".
+      variance: the reverse-step variance, one of `diffusion.VARIANCES`: fixed ("fixedsmall",
+        "fixedlarge") or predicted by the network ("learned", "learned_range").
       clip_denoised: clip x̂_0 to [-1, 1] before forming the mean.
     """
 
-    parameterization: str = "x0"
-    variance: str = "fixedlarge"
-    clip_denoised: bool = True
+    parameterization: str
+    variance: str
+    clip_denoised: bool
 
     def kwargs(self) -> dict[str, Any]:
         """The keywords of `diffusion.p_mean_variance`, `sampling.sample`, `bits_per_dim`."""
@@ -77,17 +51,17 @@ class ReverseProcess:
 class DiffusionConfig:
     """The `config.diffusion` group: the forward process, the objective, the reverse step."""
 
-    schedule: str = "linear"
-    num_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    parameterization: str = "x0"
-    weighting: str = "eps_mse"
-    min_snr_gamma: float = 5.0
-    variance: str = "fixedlarge"
-    clip_denoised: bool = True
-    vlb_weight: float = 0.0
-    timestep_sampler: str = "uniform"
+    schedule: str
+    num_timesteps: int
+    beta_start: float
+    beta_end: float
+    parameterization: str
+    weighting: str
+    min_snr_gamma: float
+    variance: str
+    clip_denoised: bool
+    vlb_weight: float
+    timestep_proposal: str
 
     def __post_init__(self):
         fields.choice("diffusion.schedule", self.schedule, schedules.SCHEDULES)
@@ -106,7 +80,7 @@ class DiffusionConfig:
         fields.choice(
             "diffusion.parameterization", self.parameterization, diffusion.PARAMETERIZATIONS
         )
-        fields.choice("diffusion.weighting", self.weighting, diffusion.WEIGHTINGS)
+        fields.choice("diffusion.weighting", self.weighting, losses.WEIGHTINGS)
         fields.number("diffusion.min_snr_gamma", self.min_snr_gamma, 0.0, low_open=True)
         fields.choice("diffusion.variance", self.variance, diffusion.VARIANCES)
         fields.boolean("diffusion.clip_denoised", self.clip_denoised)
@@ -126,7 +100,7 @@ class DiffusionConfig:
                 "that weighting already trains mean and variance on the true bound.",
             )
         fields.choice(
-            "diffusion.timestep_sampler", self.timestep_sampler, ("uniform", "loss_aware")
+            "diffusion.timestep_proposal", self.timestep_proposal, ("uniform", "loss_aware")
         )
         try:
             self.betas()
@@ -140,7 +114,7 @@ class DiffusionConfig:
     @classmethod
     def from_config(cls, config: Any) -> DiffusionConfig:
         """Reads `config.diffusion` of an experiment config."""
-        return _from_group(cls, "diffusion", _group_dict(config, "diffusion"))
+        return fields.view_of_group(cls, "diffusion", fields.group_values(config, "diffusion"))
 
     @property
     def reverse(self) -> ReverseProcess:
@@ -162,18 +136,18 @@ class DiffusionConfig:
 class TrainingConfig:
     """The `config.training` group: batch, run length, cadences, seed, resume controls."""
 
-    batch_size: int = 128
-    num_train_steps: int = 800_000
-    log_every_steps: int = 100
-    checkpoint_every_steps: int = 5_000
-    keep_checkpoints: int = 3
-    keep_period: int | None = 100_000
-    sample_every_steps: int = 20_000
-    num_sample_images: int = 64
-    grad_accum_steps: int = 1
-    seed: int = 0
-    resume_step: int | None = None
-    allow_config_change: bool = False
+    batch_size: int
+    num_train_steps: int
+    log_every_steps: int
+    checkpoint_every_steps: int
+    keep_checkpoints: int
+    keep_period: int | None
+    sample_every_steps: int
+    num_sample_images: int
+    grad_accum_steps: int
+    seed: int
+    resume_step: int | None
+    allow_config_change: bool
 
     def __post_init__(self):
         fields.integer("training.batch_size", self.batch_size, 1)
@@ -207,14 +181,14 @@ class TrainingConfig:
 class OptimConfig:
     """The `config.optim` group: Adam with warm-up and clipping, and the EMA of the weights."""
 
-    learning_rate: float = 2e-4
-    warmup_steps: int = 5_000
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    grad_clip_norm: float = 1.0
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True
+    learning_rate: float
+    warmup_steps: int
+    b1: float
+    b2: float
+    eps: float
+    grad_clip_norm: float
+    ema_decay: float
+    ema_warmup: bool
 
     def __post_init__(self):
         fields.number("optim.learning_rate", self.learning_rate, 0.0, low_open=True,
@@ -244,12 +218,12 @@ class SamplingOptions:
         `timesteps.SPACINGS` ("endpoints", the default, keeps 0 and T-1).
     """
 
-    sampler: str = "ancestral"
-    num_steps: int = 0
-    eta: float = 0.0
-    guidance_scale: float = 1.0
-    order: int = 2
-    timestep_spacing: str = "endpoints"
+    sampler: str
+    num_steps: int
+    eta: float
+    guidance_scale: float
+    order: int
+    timestep_spacing: str
 
     def __post_init__(self):
         fields.choice("sampling.sampler", self.sampler, sampling.SAMPLERS)
@@ -314,15 +288,15 @@ class SamplingOptions:
 class SamplingConfig:
     """The `config.sampling` group: the chain (`options`) and how many images, in what chunks."""
 
-    sampler: str = "ancestral"
-    num_steps: int = 0
-    eta: float = 0.0
-    num_samples: int = 50_000
-    batch_size: int = 256
-    seed: int = 42
-    guidance_scale: float = 1.0
-    order: int = 2
-    timestep_spacing: str = "endpoints"
+    sampler: str
+    num_steps: int
+    eta: float
+    num_samples: int
+    batch_size: int
+    seed: int
+    guidance_scale: float
+    order: int
+    timestep_spacing: str
 
     def __post_init__(self):
         self.options  # noqa: B018  (checks the chain's fields)
@@ -332,7 +306,7 @@ class SamplingConfig:
 
     @property
     def options(self) -> SamplingOptions:
-        """The chain's options."""
+        """The chain's options (`dataclasses.replace` them to change one)."""
         return SamplingOptions(
             self.sampler, self.num_steps, self.eta, self.guidance_scale, self.order,
             self.timestep_spacing,
@@ -343,15 +317,15 @@ class SamplingConfig:
 class EvalConfig:
     """The `config.eval` group: the bits/dim pass over a split and FID."""
 
-    split: str = "test"
-    batch_size: int = 256
-    bpd_timestep_chunk: int = 4
-    num_examples: int = 0
-    fid_num_samples: int = 50_000
-    inception_weights: str | None = None
-    inception_sha256: str | None = None
-    fid_cache_dir: str | None = None
-    fid_reference_examples: int = 0
+    split: str
+    batch_size: int
+    bpd_timestep_chunk: int
+    num_examples: int
+    fid_num_samples: int
+    inception_weights: str | None
+    inception_sha256: str | None
+    fid_cache_dir: str | None
+    fid_reference_examples: int
 
     def __post_init__(self):
         fields.string("eval.split", self.split)
@@ -374,8 +348,8 @@ class EvalConfig:
 class MeshConfig:
     """The `config.mesh` group: how parameters are laid out over the devices."""
 
-    fsdp: bool = False
-    fsdp_min_size: int = 2**18
+    fsdp: bool
+    fsdp_min_size: int
 
     def __post_init__(self):
         fields.boolean("mesh.fsdp", self.fsdp)
@@ -404,7 +378,7 @@ class ExperimentConfig:
         """
         if isinstance(config, ExperimentConfig):
             return config
-        groups = {g: _group_dict(config, g) for g in GROUPS}
+        groups = {g: fields.group_values(config, g) for g in GROUPS}
         extra = sorted(set(config.keys()) - set(GROUPS))
         if extra:
             raise ConfigError(
@@ -415,12 +389,12 @@ class ExperimentConfig:
         view = cls(
             data=data,
             model=model,
-            diffusion=_from_group(DiffusionConfig, "diffusion", groups["diffusion"]),
-            training=_from_group(TrainingConfig, "training", groups["training"]),
-            optim=_from_group(OptimConfig, "optim", groups["optim"]),
-            sampling=_from_group(SamplingConfig, "sampling", groups["sampling"]),
-            eval=_from_group(EvalConfig, "eval", groups["eval"]),
-            mesh=_from_group(MeshConfig, "mesh", groups["mesh"]),
+            diffusion=fields.view_of_group(DiffusionConfig, "diffusion", groups["diffusion"]),
+            training=fields.view_of_group(TrainingConfig, "training", groups["training"]),
+            optim=fields.view_of_group(OptimConfig, "optim", groups["optim"]),
+            sampling=fields.view_of_group(SamplingConfig, "sampling", groups["sampling"]),
+            eval=fields.view_of_group(EvalConfig, "eval", groups["eval"]),
+            mesh=fields.view_of_group(MeshConfig, "mesh", groups["mesh"]),
         )
         view.sampling.options.check(view.diffusion, model.num_classes)
         learned = diffusion.is_learned(view.diffusion.variance)

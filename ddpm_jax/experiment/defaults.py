@@ -1,14 +1,30 @@
 """The default configuration: every field of every group, with Ho et al.'s (2020) values.
 
-This file documents each field. Experiment configs (`configs/*.py`, through
-`configs/default.py`) start from `get_config()` and change only what differs; a run's
-config is checked against these groups and fields before anything compiles
-(`ddpm_jax.experiment.config`). Run one with::
+This file is the one source of the defaults, and it documents each field; the typed views
+that check a config (`ddpm_jax.experiment.config`, `data.DataConfig`, `models.ModelConfig`)
+state none of their own. Experiment configs (`configs/*.py`) start from `get_config()` and
+change only what differs; a run's config is checked against these groups and fields before
+anything compiles. Run one with::
 
-    python -m ddpm_jax.main --config=configs/cifar10.py --workdir=workdirs/cifar10
+    ddpm-jax train --config=configs/cifar10.py --workdir=workdirs/cifar10
 """
 
+from typing import Any
+
 import ml_collections
+
+
+def group(which: str, /, **changes: Any) -> dict[str, Any]:
+    """The defaults of one group, `get_config()[which]`, as a plain dict with `changes` applied.
+
+    Raises:
+      KeyError: `which` is not a group, or a change names a field the group does not have.
+    """
+    values = get_config()[which].to_dict()
+    unknown = sorted(set(changes) - set(values))
+    if unknown:
+        raise KeyError(f"config.{which} has no field(s) {unknown}.")
+    return {**values, **changes}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -17,8 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "cifar10"  # a TFDS dataset name, or "digits" (embedded, offline).
-    config.data.split = "train"
-    config.data.eval_split = "test"
+    config.data.split = "train"  # the split to train on (eval.split is the one evaluated).
     config.data.image_size = 32
     config.data.channels = 3
     config.data.random_flip = True
@@ -26,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.num_workers = 0  # Grain worker processes (0: read in the main process).
     # Where the examples come from: "tfds" (data.name in data.data_dir), "folder" (image
     # files under data.path), "huggingface" (save_to_disk directory, or hf://NAME from the
-    # datasets cache), "arrayrecord" (what `python -m ddpm_jax.data prepare` wrote).
+    # datasets cache), "arrayrecord" (what `ddpm-jax-data prepare` wrote).
     config.data.source = "tfds"
     config.data.path = ml_collections.config_dict.placeholder(str)  # None for "tfds".
     config.data.labels_from_folders = False  # folder: labels = sorted first-level sub-folders.
@@ -50,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.remat = False
     # GroupNorm groups: None: max(1, min(32, C // 2)) for a norm on C channels (Ho et al.'s 32
     # from C = 64 on); an int: that many in every norm (diffusers' norm_num_groups, for
-    # imported models: python -m ddpm_jax.pretrained).
+    # imported models: ddpm-jax-import).
     config.model.norm_groups = ml_collections.config_dict.placeholder(int)
 
     config.diffusion = ml_collections.ConfigDict()
@@ -71,9 +86,10 @@ def get_config() -> ml_collections.ConfigDict:
     # λ of the bound's term trained next to the weighted MSE of a learned variance (the mean
     # is stop-gradiented in it): 0.001 is L_hybrid. 0 with a fixed variance or "elbo".
     config.diffusion.vlb_weight = 0.0
-    # Timesteps of the training loss: "uniform", or "loss_aware" (importance sampling on the
-    # second moment of each t's last 10 losses, reweighted by 1/(T p_t): unbiased).
-    config.diffusion.timestep_sampler = "uniform"
+    # How the training loss draws its timesteps: "uniform", or "loss_aware" (importance
+    # sampling on the second moment of each t's last 10 losses, reweighted by 1/(T p_t):
+    # unbiased).
+    config.diffusion.timestep_proposal = "uniform"
 
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 128  # global batch, over all devices and processes.

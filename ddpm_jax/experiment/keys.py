@@ -4,7 +4,7 @@ Training, its monitoring and the evaluation each draw from their own stream of
 `config.training.seed`, so that one never shifts another: a run resumed at step s draws
 exactly the keys an uninterrupted run draws there, and the evaluation of a workdir does not
 depend on how long it was trained. Sampling (`--mode=sample`, FID) draws from
-`config.sampling.seed` instead; see `ddpm_jax.inference.sampler` for its per-image keys.
+`config.sampling.seed` instead; see `ddpm_jax.inference.trained_model` for its per-image keys.
 """
 
 from __future__ import annotations

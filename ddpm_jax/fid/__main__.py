@@ -1,66 +1,66 @@
-"""FID weight tools.
+r"""FID weight tools: `ddpm-jax-fid` (also `python -m ddpm_jax.fid`).
 
-python -m ddpm_jax.fid convert [SOURCE] --out-dir DIR [--sha256 HEX]
-    Fetches SOURCE (path or URL of pytorch-fid's .pth; default: its release URL),
-    verifies it, converts it to .npz in DIR (needs torch), and prints the path and SHA-256
-    to put in config.eval.inception_weights / config.eval.inception_sha256.
-python -m ddpm_jax.fid check FILE [--sha256 HEX]
-    Verifies FILE's SHA-256 and, for a .npz, that it loads with every expected key/shape.
+    ddpm-jax-fid convert [SOURCE] --out_dir=DIR [--sha256=HEX]
+        Fetches SOURCE (path or URL of pytorch-fid's .pth; default: its release URL),
+        verifies it, converts it to .npz in DIR (needs torch), and prints the path and SHA-256
+        to put in config.eval.inception_weights / config.eval.inception_sha256.
+    ddpm-jax-fid check FILE [--sha256=HEX]
+        Verifies FILE's SHA-256 and, for a .npz, that it loads with every expected key/shape.
+
+A file, hash or download that cannot be used, or a missing torch, is reported as one line,
+`error: ...`, with exit status 2 (`--verbose`: the traceback).
 """
 
-import argparse
+from __future__ import annotations
+
+import os
 import sys
 
-from ddpm_jax import errors
-from ddpm_jax.fid import weights
-from ddpm_jax.runtime.workdir import resolve_path
+from absl import flags
+
+from ddpm_jax import cli, files
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out_dir", None, "convert: the directory to write the .npz to.")
+flags.DEFINE_string("sha256", None, "The full SHA-256 of the source (convert) or FILE (check).")
+
+_USAGE = "usage: ddpm-jax-fid convert [SOURCE] --out_dir=DIR, or ddpm-jax-fid check FILE"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the command line; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m ddpm_jax.fid",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser("convert", help="convert pytorch-fid's .pth to .npz (needs torch)")
-    convert.add_argument("source", nargs="?", default=weights.PYTORCH_FID_WEIGHTS_URL)
-    convert.add_argument("--out-dir", required=True)
-    convert.add_argument("--sha256", default=None, help="full SHA-256 of SOURCE, if known")
-    check = sub.add_parser("check", help="verify a weights file")
-    check.add_argument("file")
-    check.add_argument("--sha256", default=None)
-    args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except (ValueError, OSError, ImportError) as e:  # a bad file, hash, path or missing torch.
-        print(f"error: {errors.one_line(e)}", file=sys.stderr)
-        return errors.EXIT_USER_ERROR
+def main(argv: list[str]) -> None:
+    from ddpm_jax.fid import weights
 
-
-def _run(args: argparse.Namespace) -> int:
-    # Paths are resolved here, once: the conversion writes where the user pointed.
-    if args.command == "convert":
-        args.out_dir = resolve_path(args.out_dir)
-        if "://" not in args.source:
-            args.source = resolve_path(args.source)
-    else:
-        args.file = resolve_path(args.file)
-    if args.command == "convert":
-        pth = weights.fetch(args.source, args.out_dir, args.sha256)
-        out = weights.convert_torch_checkpoint(pth, args.out_dir)
-        print(f"source  {pth}  sha256 {weights.sha256_file(pth)}")
+    command, args = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
+    if command == "convert" and len(args) <= 1:
+        if not FLAGS.out_dir:
+            cli.fail(f"--out_dir is required; {_USAGE}.")
+        # Paths are resolved here, once: the conversion writes where the user pointed.
+        out_dir = files.resolve_path(FLAGS.out_dir)
+        source = args[0] if args else weights.PYTORCH_FID_WEIGHTS_URL
+        if "://" not in source:
+            source = files.resolve_path(source)
+        pth = weights.fetch(source, out_dir, FLAGS.sha256)
+        out = weights.convert_torch_checkpoint(pth, out_dir)
+        print(f"source  {pth}  sha256 {files.sha256_file(pth)}")
         print(f"wrote   {out}")
         print(f"config.eval.inception_weights = {str(out)!r}")
-        print(f"config.eval.inception_sha256 = {weights.sha256_file(out)!r}")
-    else:
-        print(weights.verify_sha256(args.file, args.sha256))
-        if args.file.endswith(".npz"):
-            weights.load_variables_npz(args.file)
+        print(f"config.eval.inception_sha256 = {files.sha256_file(out)!r}")
+    elif command == "check" and len(args) == 1:
+        path = files.resolve_path(args[0])
+        if not os.path.isfile(path):
+            cli.fail(f"{path}: no such file.")
+        print(weights.verify_sha256(path, FLAGS.sha256))
+        if path.endswith(".npz"):
+            weights.load_variables_npz(path)
             print("all variables present with the expected shapes")
-    return 0
+    else:
+        cli.fail(f"unexpected arguments {argv[1:]}; {_USAGE}.")
+
+
+def run() -> None:
+    """The `ddpm-jax-fid` console script (also `python -m ddpm_jax.fid`)."""
+    cli.run(main, argv=sys.argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

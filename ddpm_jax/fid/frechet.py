@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import linalg
 
-from ddpm_jax.runtime.workdir import atomic_writer
+from ddpm_jax.files import atomic_writer
 
 
 class FeatureStats(NamedTuple):

@@ -7,8 +7,8 @@ The weights are pytorch-fid's port of the TensorFlow FID Inception graph::
 One-time conversion to the safe `.npz` format (needs `torch` on that machine only; the file is
 read with `torch.load(weights_only=True)`, which refuses arbitrary pickled objects)::
 
-    python -m ddpm_jax.fid convert --out-dir ~/.cache/ddpm_jax/fid   # source: the URL above
-    python -m ddpm_jax.fid convert ./pt_inception-2015-12-05-6726825d.pth --out-dir DIR
+    ddpm-jax-fid convert --out_dir=~/.cache/ddpm_jax/fid    # source: the URL above
+    ddpm-jax-fid convert ./pt_inception-2015-12-05-6726825d.pth --out_dir=DIR
 
 It prints the path and full SHA-256 of the `.npz` it wrote, e.g.
 `fid_inception_v3_from_6726825d-<first 8 hex of its SHA-256>.npz`; then set
@@ -32,7 +32,6 @@ are checked against the network before use.
 import hashlib
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -44,7 +43,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from flax import traverse_util
 
+from ddpm_jax.errors import DataError, DataNotFoundError, DependencyError
 from ddpm_jax.fid import inception
+from ddpm_jax.files import atomic_path, sha256_file
 
 PYTORCH_FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -84,15 +85,6 @@ def default_cache_dir() -> Path:
 # --------------------------------------------------------------------------- integrity
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def hash_prefix_from_name(name: str) -> str | None:
     """The SHA-256 prefix in a torch.hub-style name `<stem>-<hex>.<ext>`, or None."""
     match = _HASH_IN_NAME.search(os.path.basename(name))
@@ -104,7 +96,7 @@ def _check_sha256_arg(sha256: str | None) -> str | None:
         return None
     sha256 = sha256.strip().lower()
     if not _SHA256_HEX.match(sha256):
-        raise ValueError(
+        raise DataError(
             f"config.eval.inception_sha256 must be 64 hex digits (the output of `sha256sum "
             f"FILE`), got {sha256!r}."
         )
@@ -134,7 +126,7 @@ def verify_sha256(
     actual = sha256_file(path)
     if expected is not None:
         if actual != expected:
-            raise ValueError(
+            raise DataError(
                 f"SHA-256 mismatch for {path}: expected {expected}, got {actual}. The file is "
                 "corrupt or not the expected weights; delete it (or fix "
                 "config.eval.inception_sha256)."
@@ -142,12 +134,12 @@ def verify_sha256(
         return f"SHA-256 {actual} verified"
     prefix = hash_prefix_from_name(name)
     if prefix is None:
-        raise ValueError(
+        raise DataError(
             f"cannot verify {path}: set config.eval.inception_sha256 to its SHA-256 ({actual} "
             "if you trust this copy), or name the file <stem>-<first 8+ hex of its SHA-256>.<ext>."
         )
     if not actual.startswith(prefix):
-        raise ValueError(
+        raise DataError(
             f"SHA-256 mismatch for {path}: its name promises a digest starting {prefix}, got "
             f"{actual}. The file is corrupt or tampered with; delete it."
         )
@@ -167,35 +159,37 @@ def fetch(
     copy is re-verified on every call.
 
     Raises:
-        FileNotFoundError: a local path that does not exist.
-        urllib.error.URLError, OSError: the download failed.
-        ValueError: the file fails `verify_sha256`.
+        DataNotFoundError (a FileNotFoundError): a local path that does not exist, or a
+            download that failed.
+        DataError (a ValueError): the file fails `verify_sha256`.
     """
     parsed = urllib.parse.urlparse(source)
     if parsed.scheme in ("http", "https", "file"):
         name = os.path.basename(urllib.parse.unquote(parsed.path))
         if not name:
-            raise ValueError(f"config.eval.inception_weights URL {source!r} names no file.")
+            raise DataError(f"config.eval.inception_weights URL {source!r} names no file.")
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         target = cache / name
         if not target.exists():
             cache.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{name}.", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(source, timeout=60) as r:
-                    while chunk := r.read(_CHUNK):
-                        out.write(chunk)
+            with atomic_path(target) as tmp:
+                try:
+                    with open(tmp, "wb") as out, urllib.request.urlopen(source, timeout=60) as r:
+                        while chunk := r.read(_CHUNK):
+                            out.write(chunk)
+                except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                    reason = getattr(e, "reason", None) or e
+                    raise DataNotFoundError(
+                        f"could not download {source}: {reason}; fetch it where there is "
+                        "network and give its path"
+                    ) from e
                 verify_sha256(tmp, sha256, name=name)
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
         else:
             verify_sha256(target, sha256)
         return target
     path = Path(source).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"config.eval.inception_weights: no file at {path}.")
+        raise DataNotFoundError(f"config.eval.inception_weights: no file at {path}.")
     verify_sha256(path, sha256)
     return path
 
@@ -209,7 +203,7 @@ def conv_kernel_from_torch(weight: np.ndarray) -> np.ndarray:
     Both frameworks cross-correlate, so this is a pure transpose (no spatial flip).
     """
     if weight.ndim != 4:
-        raise ValueError(f"a Conv2d weight must be 4-d [O, I, kh, kw], got {weight.shape}.")
+        raise DataError(f"a Conv2d weight must be 4-d [O, I, kh, kw], got {weight.shape}.")
     return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)))
 
 
@@ -261,9 +255,7 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if unknown or wrong:
         problems = [f"unexpected keys: {_preview(unknown)}"] if unknown else []
         problems += [f"non-4-d conv weights: {_preview(wrong)}"] if wrong else []
-        raise ValueError(
-            "the state dict is not pytorch-fid's FID Inception; " + "; ".join(problems)
-        )
+        raise DataError("the state dict is not pytorch-fid's FID Inception; " + "; ".join(problems))
     check_variables(flat)
     return flat
 
@@ -279,21 +271,30 @@ def convert_torch_checkpoint(pth_path: str | os.PathLike, out_dir: str | os.Path
         The path of the written `.npz`.
 
     Raises:
-        ImportError: torch is not installed.
+        DependencyError (an ImportError): torch is not installed.
+        DataError: the file is not pytorch-fid's state dict.
     """
-    import torch  # optional dependency, needed for this one-time step only
+    try:
+        import torch  # optional dependency, needed for this one-time step only
+    except ImportError as e:
+        raise DependencyError(
+            f"converting {pth_path} needs PyTorch (pip install torch); run it where torch is "
+            "installed, or point config.eval.inception_weights at a converted .npz"
+        ) from e
 
     state_dict = torch.load(os.fspath(pth_path), map_location="cpu", weights_only=True)
     if not isinstance(state_dict, Mapping):
-        raise ValueError(f"{pth_path} holds a {type(state_dict).__name__}, not a state dict.")
+        raise DataError(f"{pth_path} holds a {type(state_dict).__name__}, not a state dict.")
     flat = convert_state_dict({k: v.detach().cpu().numpy() for k, v in state_dict.items()})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source_tag = hash_prefix_from_name(os.fspath(pth_path)) or sha256_file(pth_path)[:8]
-    tmp = out_dir / f".fid_inception_v3_from_{source_tag}.npz.part"
-    save_variables_npz(tmp, flat)
-    final = out_dir / f"fid_inception_v3_from_{source_tag}-{sha256_file(tmp)[:8]}.npz"
-    os.replace(tmp, final)
+    # The name holds the file's own hash: written under a fixed name first, then renamed.
+    staged = out_dir / f".fid_inception_v3_from_{source_tag}.npz"
+    with atomic_path(staged) as tmp:
+        save_variables_npz(tmp, flat)
+        final = out_dir / f"fid_inception_v3_from_{source_tag}-{sha256_file(tmp)[:8]}.npz"
+    os.replace(staged, final)
     return final
 
 
@@ -335,7 +336,7 @@ def check_variables(flat: Mapping[str, np.ndarray]) -> None:
     if wrong:
         problems.append(f"{len(wrong)} with wrong shape: {_preview(wrong)}")
     if problems:
-        raise ValueError("FID Inception weights do not match the network; " + "; ".join(problems))
+        raise DataError("FID Inception weights do not match the network; " + "; ".join(problems))
 
 
 def load_variables_npz(path: str | os.PathLike) -> dict[str, Any]:
@@ -351,7 +352,7 @@ def load_variables_npz(path: str | os.PathLike) -> dict[str, Any]:
         flat = {k: data[k] for k in data.files}
     bad_dtype = sorted(k for k, v in flat.items() if not np.issubdtype(v.dtype, np.floating))
     if bad_dtype:
-        raise ValueError(f"{path}: non-float arrays {_preview(bad_dtype)}.")
+        raise DataError(f"{path}: non-float arrays {_preview(bad_dtype)}.")
     check_variables(flat)
     flat = {k: v.astype(np.float32, copy=False) for k, v in flat.items()}
     return traverse_util.unflatten_dict(flat, sep="/")
@@ -396,7 +397,7 @@ def load_inception_weights(
             path = convert_torch_checkpoint(path, cache)
         verify_sha256(path)
     elif path.suffix != ".npz":
-        raise ValueError(
+        raise DataError(
             f"config.eval.inception_weights must name a .npz (converted) or .pth file, got "
             f"{path.name!r}."
         )
@@ -420,7 +421,7 @@ def try_load_inception_weights(
     if not source:
         return None, (
             "config.eval.inception_weights is not set (convert pytorch-fid's weights with "
-            "`python -m ddpm_jax.fid convert`, see ddpm_jax/fid/weights.py)"
+            "`ddpm-jax-fid convert`, see ddpm_jax/fid/weights.py)"
         )
     try:
         return load_inception_weights(source, sha256, cache_dir), None
@@ -428,8 +429,8 @@ def try_load_inception_weights(
         return None, str(e)
     except ImportError:
         return None, (
-            f"{source} is a PyTorch checkpoint and converting it needs torch; run `python -m "
-            "ddpm_jax.fid convert` where torch is installed and point "
+            f"{source} is a PyTorch checkpoint and converting it needs torch; run "
+            "`ddpm-jax-fid convert` where torch is installed and point "
             "config.eval.inception_weights at the .npz"
         )
     except urllib.error.URLError as e:

@@ -1,12 +1,13 @@
 """Inference: sampling from a workdir's model.
 
-- `sampler`: `Sampler` and `load_sampler(workdir)`, for users' code: EMA weights only, no
-  optimizer; chunked, sharded, jitted chains; the network itself as `Sampler.model_fn`.
-- `write_samples`: `--mode=sample`, resumable chunks of samples written to the workdir.
+- `trained_model`: `TrainedModel` and `load_sampler(workdir)`, for users' code: EMA weights
+  only, no optimizer; chunked, sharded, jitted chains of any sampler; the network itself as
+  `TrainedModel.model_fn`.
+- `write_samples`: `ddpm-jax sample`, resumable chunks of samples written to the workdir.
 
 Nothing here imports `ddpm_jax.train`.
 """
 
-from ddpm_jax.inference.sampler import Sampler, load_sampler
+from ddpm_jax.inference.trained_model import TrainedModel, load_sampler
 
-__all__ = ["Sampler", "load_sampler"]
+__all__ = ["TrainedModel", "load_sampler"]

@@ -1,11 +1,11 @@
 """`--mode=sample`: writes `config.sampling.num_samples` images of a workdir's model to disk.
 
-    python -m ddpm_jax.main --workdir=workdirs/digits --mode=sample \
+    ddpm-jax sample --workdir=workdirs/digits \
         --config.sampling.num_samples=1000 [--config.sampling.sampler=ddim ...]
 
 Files under `<workdir>/samples/`, drawn in resumable chunks (`write_samples`). The model,
 data and schedule come from the workdir's `config.json`; only how to sample comes from the
-command line (`runtime.workdir.resolve_config`). For sampling from Python, use
+command line (`experiment.changes.resolve_config`). For sampling from Python, use
 `ddpm_jax.load_sampler`.
 """
 
@@ -23,9 +23,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from ddpm_jax import files
 from ddpm_jax.errors import WorkdirError
-from ddpm_jax.inference.sampler import Sampler, chunk_sizes, raw_key
-from ddpm_jax.runtime import metrics
+from ddpm_jax.experiment import changes
+from ddpm_jax.experiment.chain_program import raw_key
+from ddpm_jax.images import image_grid, save_png, to_uint8
+from ddpm_jax.inference.trained_model import TrainedModel, chunk_sizes
 from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime import workdir as wd
 from ddpm_jax.runtime.progress import Progress
@@ -37,12 +40,6 @@ META_FILE = "meta.json"
 def chunk_path(out_dir: str, index: int) -> str:
     """`<out_dir>/chunk_<index:05d>.npz`."""
     return os.path.join(out_dir, f"chunk_{index:05d}.npz")
-
-
-def save_npz(path: str, **arrays: np.ndarray) -> None:
-    """Writes an `.npz` atomically: a reader never sees a partial file under `path`."""
-    with wd.atomic_writer(path, "wb") as f:
-        np.savez(f, **arrays)
 
 
 def _chunk_complete(path: str, size: int, image_shape: tuple[int, ...]) -> bool:
@@ -71,7 +68,7 @@ def _check_meta(out_dir: str, meta: dict) -> None:
                 "earlier settings."
             )
         return
-    wd.write_json(path, meta)
+    files.write_json(path, meta)
 
 
 def write_samples(
@@ -95,31 +92,31 @@ def write_samples(
 
     Args:
       config: the command-line config; only its sampling/eval/mesh groups are used (see
-        `workdir.resolve_config`): the model is the one in `<workdir>/config.json`. None:
+        `experiment.changes.resolve_config`): the model is the one in `<workdir>/config.json`. None:
         all of config.json.
       workdir: the training run's workdir.
       config_overrides: dotted-path changes applied after that resolution (see
-        `workdir.run_config`), e.g. `{"diffusion.variance": "fixedsmall"}`.
+        `experiment.changes.run_config`), e.g. `{"diffusion.variance": "fixedsmall"}`.
 
     Returns:
       The path of `samples.npz`.
     """
-    workdir = wd.resolve_path(workdir)
-    sampler = Sampler.from_config(wd.run_config(config, workdir, config_overrides), workdir)
-    options = sampler.options()
-    s = sampler.config.sampling
+    workdir = files.resolve_path(workdir)
+    model = TrainedModel.from_config(changes.run_config(config, workdir, config_overrides), workdir)
+    options = model.options()
+    s = model.config.sampling
     num, batch, seed = s.num_samples, s.batch_size, s.seed
     out_dir = os.path.join(workdir, wd.SAMPLES_SUBDIR)
     is_main = jax.process_index() == 0
     sizes = chunk_sizes(num, batch)
     meta = {
-        "checkpoint_step": sampler.step,
+        "checkpoint_step": model.step,
         "seed": seed,
         "batch_size": batch,
-        "image_shape": list(sampler.image_shape),
+        "image_shape": list(model.image_shape),
         **dataclasses.asdict(options),
-        "variance": sampler.reverse.variance,
-        "clip_denoised": sampler.reverse.clip_denoised,
+        "variance": model.reverse.variance,
+        "clip_denoised": model.reverse.clip_denoised,
     }
     done = np.zeros(len(sizes), bool)
     if is_main:
@@ -127,7 +124,7 @@ def write_samples(
         _check_meta(out_dir, meta)
         done = np.array(
             [
-                _chunk_complete(chunk_path(out_dir, i), n, sampler.image_shape)
+                _chunk_complete(chunk_path(out_dir, i), n, model.image_shape)
                 for i, n in enumerate(sizes)
             ]
         )
@@ -135,24 +132,24 @@ def write_samples(
     todo = [i for i in range(len(sizes)) if not done[i]]
     logging.info(
         "Sampling %d images of step %d in %d chunks of %d to %s (%d chunks already there).",
-        num, sampler.step, len(sizes), batch, out_dir, len(sizes) - len(todo),
+        num, model.step, len(sizes), batch, out_dir, len(sizes) - len(todo),
     )  # fmt: skip
     key = raw_key(seed, seed)
-    steps = sampler.steps_per_chunk(options)
+    steps = model.steps_per_chunk(options)
     bar = Progress(len(sizes) * steps, desc=f"sampling {num} images", unit="reverse steps",
                    initial=(len(sizes) - len(todo)) * steps)  # fmt: skip
     try:
         for i in todo:
-            chunk = sampler.sample_chunk(i, sizes[i], key, options=options, progress=bar)
+            chunk = model.sample_chunk(i, sizes[i], key, options=options, progress=bar)
             images, labels = shd.global_to_host((chunk.images, chunk.labels))
             if is_main:
-                arrays = {"images": metrics.to_uint8(images[: chunk.num_valid])}
-                if sampler.num_classes:
+                arrays = {"images": to_uint8(images[: chunk.num_valid])}
+                if model.num_classes:
                     arrays["labels"] = labels[: chunk.num_valid].astype(np.int32)
                 path = chunk_path(out_dir, i)
-                save_npz(path, **arrays)
-                grid = metrics.image_grid(arrays["images"])
-                metrics.save_png(path.removesuffix(".npz") + ".png", grid)
+                files.save_npz(path, **arrays)
+                grid = image_grid(arrays["images"])
+                save_png(path.removesuffix(".npz") + ".png", grid)
     finally:
         bar.close()
     combined = os.path.join(out_dir, COMBINED_FILE)
@@ -161,6 +158,6 @@ def write_samples(
         for i in range(len(sizes)):
             with np.load(chunk_path(out_dir, i), allow_pickle=False) as data:
                 parts.append({k: data[k] for k in data.files})
-        save_npz(combined, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+        files.save_npz(combined, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
         logging.info("Wrote %d samples to %s.", num, combined)
     return combined

@@ -54,21 +54,21 @@ class ModelConfig:
         every GroupNorm has that many (as diffusers' `norm_num_groups`, for imported models).
     """
 
-    image_size: int = 32
-    in_channels: int = 3
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (16,)
-    dropout: float = 0.1
-    num_heads: int = 1
-    resblock_updown: bool = False
-    conv_resample: bool = True
-    out_channels: int | None = None
-    num_classes: int = 0
-    dtype: str = "float32"
-    remat: bool = False
-    norm_groups: int | None = None
+    image_size: int
+    in_channels: int
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...]
+    dropout: float
+    num_heads: int
+    resblock_updown: bool
+    conv_resample: bool
+    out_channels: int | None
+    num_classes: int
+    dtype: str
+    remat: bool
+    norm_groups: int | None
 
     def __post_init__(self):
         # Normalise sequences to tuples so the config stays hashable (a static jit argument).
@@ -86,21 +86,24 @@ class ModelConfig:
 
         Args:
           config: an object with `model` (the fields above, minus image_size/in_channels)
-            and `data` (`image_size`, `channels`) groups, e.g. `configs/default.py`.
+            and `data` (`image_size`, `channels`) groups, e.g. `defaults.get_config()`.
 
         Raises:
-          ValueError: naming the offending field, if the architecture is inconsistent.
+          ConfigError: naming the offending field, if a field is missing or unknown or the
+            architecture is inconsistent.
         """
-        return cls.from_dict(_as_dict(config.model), config.data.image_size, config.data.channels)
+        data = fields.group_values(config, "data")
+        return cls.from_dict(
+            fields.group_values(config, "model"), data.get("image_size"), data.get("channels")
+        )
 
     @classmethod
     def from_dict(cls, model: Mapping[str, Any], image_size: int, channels: int) -> ModelConfig:
-        """Builds from the fields of `config.model` and the data's image size and channels."""
-        known = [
-            f.name for f in dataclasses.fields(cls) if f.name not in ("image_size", "in_channels")
-        ]
-        fields.unknown_fields("model", list(model), known)
-        return cls(image_size=image_size, in_channels=channels, **model)
+        """Builds from the fields of `config.model` (all required) and the data's image size
+        and channels."""
+        return fields.view_of_group(
+            cls, "model", model, image_size=image_size, in_channels=channels
+        )
 
     @property
     def output_channels(self) -> int:
@@ -196,11 +199,3 @@ class ModelConfig:
                     f"config.model.num_heads = {self.num_heads} does not divide the {c} "
                     f"channels of the attention layers at resolution {res}."
                 )
-
-
-def _as_dict(group: Any) -> dict[str, Any]:
-    if hasattr(group, "to_dict"):
-        return group.to_dict()
-    if isinstance(group, Mapping):
-        return dict(group)
-    raise ConfigError(f"config.model must be a ConfigDict or mapping, got {type(group).__name__}.")

@@ -1,12 +1,12 @@
 """Ho et al.'s released DDPM checkpoints (diffusers format) as ddpm_jax workdirs.
 
-    python -m ddpm_jax.pretrained --source=google/ddpm-cifar10-32 --workdir=workdirs/cifar10_ho
-    python -m ddpm_jax.main --workdir=workdirs/cifar10_ho --mode=sample
+    ddpm-jax-import --source=google/ddpm-cifar10-32 --workdir=workdirs/cifar10_ho
+    ddpm-jax sample --workdir=workdirs/cifar10_ho
 
 or from Python, `pretrained.import_diffusers(source, workdir)`. The source is a local
 directory (config.json + diffusion_pytorch_model.safetensors + scheduler_config.json at the
 root, or unet/ + scheduler/ subfolders) or a hub id, optionally `@revision`. Weights are read
-from safetensors only; `python -m ddpm_jax.pretrained convert-bin DIR` (needs torch) converts
+from safetensors only; `ddpm-jax-import convert-bin DIR` (needs torch) converts
 a pickled `.bin` once, with `torch.load(weights_only=True)`.
 
 Modules: `diffusers_unet` (config fields -> config groups, and the refusals), `weights`

@@ -1,9 +1,9 @@
 r"""Imports Ho et al.'s released DDPMs (diffusers format) into a ddpm_jax workdir.
 
-    python -m ddpm_jax.pretrained --source=google/ddpm-cifar10-32 --workdir=workdirs/cifar10_ho
-    python -m ddpm_jax.pretrained --source=google/ddpm-church-256@<commit> --workdir=W
-    python -m ddpm_jax.pretrained --source=DIR --workdir=W [--data_name=cifar10]
-    python -m ddpm_jax.pretrained convert-bin DIR      # a pickled .bin -> safetensors (torch)
+    ddpm-jax-import --source=google/ddpm-cifar10-32 --workdir=workdirs/cifar10_ho
+    ddpm-jax-import --source=google/ddpm-church-256@<commit> --workdir=W
+    ddpm-jax-import --source=DIR --workdir=W [--data_name=cifar10]
+    ddpm-jax-import convert-bin DIR      # a pickled .bin -> safetensors (torch)
 
 --source is a local directory (config.json, diffusion_pytorch_model.safetensors and
 scheduler_config.json at the root, or unet/ + scheduler/) or a hub id with an optional
@@ -11,8 +11,8 @@ scheduler_config.json at the root, or unet/ + scheduler/) or a hub id with an op
 checksum). --data_name names the dataset the model was trained on (a TFDS name, or
 "digits") where the source's name does not say it. Then:
 
-    python -m ddpm_jax.main --workdir=workdirs/cifar10_ho --mode=sample
-    python -m ddpm_jax.main --workdir=workdirs/cifar10_ho --mode=eval
+    ddpm-jax sample --workdir=workdirs/cifar10_ho
+    ddpm-jax eval --workdir=workdirs/cifar10_ho
 
 A source or config that cannot be imported is reported as one line, `error: ...`, with exit
 status 2, and nothing is written.
@@ -35,15 +35,15 @@ flags.DEFINE_string(
 
 
 def main(argv: list[str]) -> None:
-    from ddpm_jax.runtime import workdir as wd
+    from ddpm_jax import files
 
     args = argv[1:]
     if args[:1] == ["convert-bin"]:
         if len(args) != 2:
-            cli.fail("usage: python -m ddpm_jax.pretrained convert-bin DIR")
+            cli.fail("usage: ddpm-jax-import convert-bin DIR")
         from ddpm_jax.pretrained import repo
 
-        for path in repo.convert_bin(wd.resolve_path(args[1])):
+        for path in repo.convert_bin(files.resolve_path(args[1])):
             print(f"wrote {path}")
         return
     if args:
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """Console entry point (also `python -m ddpm_jax.pretrained`)."""
+    """The `ddpm-jax-import` console script (also `python -m ddpm_jax.pretrained`)."""
     cli.run(main, argv=sys.argv)
 
 

@@ -218,8 +218,10 @@ def model_group(unet: Mapping[str, Any], where: str) -> tuple[dict[str, Any], in
         "num_classes": 0,
         "norm_groups": None,
     }
+    from ddpm_jax.experiment import defaults  # the fields this import does not set.
+
     try:
-        default_groups = ModelConfig(image_size=size, in_channels=channels, **model)
+        default_groups = ModelConfig.from_dict(defaults.group("model", **model), size, channels)
     except ConfigError as e:
         raise ConfigError(f"{where}: the U-Net it describes does not build: {e}") from e
     # diffusers normalises every layer with norm_num_groups groups; ddpm_jax's own rule
@@ -227,7 +229,7 @@ def model_group(unet: Mapping[str, Any], where: str) -> tuple[dict[str, Any], in
     if any(num_groups(c) != groups for c, _ in default_groups.norm_widths()):
         model["norm_groups"] = groups
         try:
-            ModelConfig(image_size=size, in_channels=channels, **model)
+            ModelConfig.from_dict(defaults.group("model", **model), size, channels)
         except ConfigError as e:
             raise _refuse(where, "norm_num_groups", groups, str(e)) from e
     return model, size, channels

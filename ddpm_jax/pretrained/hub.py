@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ddpm_jax.errors import DataError, DataNotFoundError
+from ddpm_jax.files import sha256_file
 from ddpm_jax.pretrained import repo as repo_lib
 
 # A hub model id, optionally with @revision: "google/ddpm-cifar10-32@main".
@@ -130,7 +131,7 @@ def _verify(path: str, sibling: Any, where: str) -> None:
     lfs = _field(sibling, "lfs")
     expected = _field(lfs, "sha256") if lfs is not None else None
     if expected:
-        got, what = repo_lib.sha256_file(path), "SHA-256"
+        got, what = sha256_file(path), "SHA-256"
     else:
         expected = _field(sibling, "blob_id")
         if not expected:

@@ -26,27 +26,20 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from ddpm_jax import files
 from ddpm_jax.errors import DataError, WorkdirError
 from ddpm_jax.pretrained import diffusers_unet, hub, weights
 from ddpm_jax.pretrained import repo as repo_lib
 
 IMPORT_STEP = 0
-# The datasets of Ho et al.'s released models: hub name -> config.data fields (and eval.split).
+# The datasets of Ho et al.'s released models: hub name -> config.data fields, and the split
+# its evaluation reads (config.eval.split).
 HO_DATA = (
-    (r"ddpm-(ema-)?cifar10-32", {"name": "cifar10", "eval_split": "test", "random_flip": True}),
-    (
-        r"ddpm-(ema-)?celebahq-256",
-        {"name": "celeb_a_hq/256", "eval_split": "train", "random_flip": True},
-    ),
-    (
-        r"ddpm-(ema-)?church-256",
-        {"name": "lsun/church_outdoor", "eval_split": "validation", "random_flip": True},
-    ),
-    (
-        r"ddpm-(ema-)?bedroom-256",
-        {"name": "lsun/bedroom", "eval_split": "validation", "random_flip": True},
-    ),
-    (r"ddpm-(ema-)?cat-256", {"name": "lsun/cat", "eval_split": "train", "random_flip": True}),
+    (r"ddpm-(ema-)?cifar10-32", {"name": "cifar10", "random_flip": True}, "test"),
+    (r"ddpm-(ema-)?celebahq-256", {"name": "celeb_a_hq/256", "random_flip": True}, "train"),
+    (r"ddpm-(ema-)?church-256", {"name": "lsun/church_outdoor", "random_flip": True}, "validation"),
+    (r"ddpm-(ema-)?bedroom-256", {"name": "lsun/bedroom", "random_flip": True}, "validation"),
+    (r"ddpm-(ema-)?cat-256", {"name": "lsun/cat", "random_flip": True}, "train"),
 )
 UNKNOWN_DATA = "unknown"
 
@@ -102,7 +95,7 @@ def import_diffusers(
     from ddpm_jax.runtime import checkpointing
     from ddpm_jax.runtime import workdir as wd
 
-    workdir = wd.resolve_path(workdir)
+    workdir = files.resolve_path(workdir)
     ckpt_dir = wd.checkpoint_dir(workdir)
     if os.path.isdir(ckpt_dir) and [n for n in os.listdir(ckpt_dir) if not n.startswith(".")]:
         raise WorkdirError(
@@ -117,7 +110,7 @@ def import_diffusers(
             f"{workdir} already has a config.json of another run; import into a new --workdir."
         )
     params, num_params = load_params(repo, config)
-    sha = {name: repo_lib.sha256_file(path) for name, path in sorted(repo.files.items())}
+    sha = {name: files.sha256_file(path) for name, path in sorted(repo.files.items())}
     extra = {
         "data_step": IMPORT_STEP,
         "imported_from": repo.source,
@@ -129,8 +122,7 @@ def import_diffusers(
     with checkpointing.Checkpointer(workdir, save_every_steps=1, async_save=False) as ckpt:
         ckpt.save(IMPORT_STEP, state, extra, force=True)
     logging.info(
-        "Imported %s%s (%d parameters) into %s: sample with python -m ddpm_jax.main "
-        "--workdir=%s --mode=sample.",
+        "Imported %s%s (%d parameters) into %s: sample with ddpm-jax sample --workdir=%s.",
         repo.source, f"@{repo.revision}" if repo.revision else "", num_params, workdir, workdir,
     )  # fmt: skip
     return ImportResult(workdir, config, IMPORT_STEP, extra, num_params)
@@ -138,11 +130,9 @@ def import_diffusers(
 
 def resolve_source(source: str, *, api: Any = None, cache_dir: str | None = None):
     """The `repo.Repo` of a local directory or a hub id (downloaded, pinned, checksummed)."""
-    from ddpm_jax.runtime import workdir as wd
-
     if not isinstance(source, str) or not source:
         raise DataError(f"--source={source!r}: give a directory or a hub id.")
-    path = wd.resolve_path(source)
+    path = files.resolve_path(source)
     local_like = source.startswith((".", "/", "~")) or os.path.exists(path)
     parsed = None if local_like else hub.parse_hub_id(source)
     if parsed is None:
@@ -161,25 +151,30 @@ def _read_json(path: str) -> dict[str, Any]:
     return value
 
 
-def data_fields(repo: repo_lib.Repo, data_name: str | None) -> dict[str, Any]:
-    """`config.data` fields naming the dataset the model is of (see `HO_DATA`).
+def data_fields(repo: repo_lib.Repo, data_name: str | None) -> tuple[dict[str, Any], str]:
+    """`config.data` fields naming the dataset the model is of, and its evaluation split.
 
-    The repository's own name decides (a hub id, or a local directory's name), never the
-    `_name_or_path` of its config.json: a model fine-tuned from Ho et al.'s keeps theirs.
+    The repository's own name decides (a hub id, or a local directory's name; see
+    `HO_DATA`), never the `_name_or_path` of its config.json: a model fine-tuned from Ho et
+    al.'s keeps theirs. Unknown datasets are evaluated on "test".
     """
     if data_name is not None:
-        known = [fields for _, fields in HO_DATA if fields["name"] == data_name]
-        return dict(known[0]) if known else {"name": data_name, "random_flip": False}
+        known = [(f, split) for _, f, split in HO_DATA if f["name"] == data_name]
+        return (
+            (dict(known[0][0]), known[0][1])
+            if known
+            else ({"name": data_name, "random_flip": False}, "test")
+        )
     candidates = [repo.source, os.path.basename(os.path.normpath(repo.source))]
-    for pattern, fields in HO_DATA:
+    for pattern, data, split in HO_DATA:
         if any(re.search(rf"(^|/){pattern}$", c) for c in candidates):
-            return dict(fields)
+            return dict(data), split
     logging.warning(
         "The dataset %s was trained on is not known: config.data.name = %r (sampling works; "
         "to evaluate, import again with --data_name=<its TFDS name>).",
         repo.source, UNKNOWN_DATA,
     )  # fmt: skip
-    return {"name": UNKNOWN_DATA, "random_flip": False}
+    return {"name": UNKNOWN_DATA, "random_flip": False}, "test"
 
 
 def make_config(repo: repo_lib.Repo, data_name: str | None = None) -> ml_collections.ConfigDict:
@@ -196,12 +191,12 @@ def make_config(repo: repo_lib.Repo, data_name: str | None = None) -> ml_collect
     where = f"{repo.source}/{repo.unet_config}"
     model, image_size, channels = diffusers_unet.model_group(unet, where)
     diffusion = diffusers_unet.diffusion_group(scheduler, f"{repo.source}/{repo.scheduler_config}")
-    data = data_fields(repo, data_name)
+    data, eval_split = data_fields(repo, data_name)
     config = defaults.get_config()
     config.data.update({**data, "image_size": image_size, "channels": channels})
+    config.eval.split = eval_split
     config.model.update(model)
     config.diffusion.update(diffusion)
-    config.eval.split = config.data.eval_split
     if image_size >= 256:  # as configs/celeba_hq256.py and lsun256.py
         config.sampling.batch_size = config.eval.batch_size = 64
     ExperimentConfig.from_config(config)  # every field checked before anything is written.

@@ -14,14 +14,15 @@ import dataclasses
 import hashlib
 import os
 
-from ddpm_jax.errors import DataError, DataNotFoundError, UserError
+from ddpm_jax.errors import DataError, DataNotFoundError, DependencyError
+from ddpm_jax.files import atomic_path
 
 UNET_CONFIG = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_FP16 = "diffusion_pytorch_model.fp16.safetensors"
 PICKLED = "diffusion_pytorch_model.bin"
-CONVERT_HINT = "python -m ddpm_jax.pretrained convert-bin {dir}"
+CONVERT_HINT = "ddpm-jax-import convert-bin {dir}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,15 +126,6 @@ def _local_revision(root: str, name: str) -> str | None:
     return commit if len(commit) == 40 and all(c in "0123456789abcdef" for c in commit) else None
 
 
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def git_blob_sha1(path: str) -> str:
     """The git object id of a file (what the hub lists for files not stored in LFS)."""
     h = hashlib.sha1()
@@ -161,7 +153,7 @@ def convert_bin(directory: str) -> list[str]:
     try:
         import torch
     except ImportError as e:
-        raise UserError(
+        raise DependencyError(
             "convert-bin needs PyTorch to read the pickled weights (pip install torch); "
             "nothing was converted."
         ) from e
@@ -194,7 +186,7 @@ def convert_bin(directory: str) -> list[str]:
         for k, v in state.items():
             v = v.detach().cpu().contiguous()
             arrays[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
-        save_file(arrays, out + ".tmp", metadata={"format": "pt"})
-        os.replace(out + ".tmp", out)
+        with atomic_path(out) as tmp:
+            save_file(arrays, tmp, metadata={"format": "pt"})
         written.append(out)
     return written

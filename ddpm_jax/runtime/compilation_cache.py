@@ -2,7 +2,7 @@
 
 Compiling the CIFAR-10 train step takes ~30 s on a CPU (and ~1 min on a GPU for the 256²
 models); without a cache a resumed run, every `load_sampler` and every `--mode=eval` pay it
-again. The entry points (`python -m ddpm_jax.main`, `.benchmark`) and `load_sampler` call
+again. The commands (`ddpm-jax`, `ddpm-jax-benchmark`, ...) and `load_sampler` call
 `enable()`; compiled programs are then written to, and read back from:
 
     $DDPM_JAX_COMPILATION_CACHE        if set ("off" disables the cache)

@@ -1,4 +1,4 @@
-"""Metrics and images out of a run: JSONL + TensorBoard scalars, PNG sample grids.
+"""Metrics out of a run: JSONL + TensorBoard scalars, PNG sample grids.
 
 Only process 0 writes; every other process gets a writer that does nothing, so callers never
 branch on the process index.
@@ -13,39 +13,10 @@ import time
 from collections.abc import Mapping
 
 import numpy as np
-from PIL import Image
 
-from ddpm_jax.runtime.workdir import METRICS_FILE, atomic_writer
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Images in [-1, 1] (float, [N, H, W, C]) to uint8 [N, H, W, C], rounding to the grid."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
-        np.uint8
-    )
-
-
-def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tiles uint8 images [N, H, W, C] into one uint8 image [rows·(H+pad)+pad, …, C]."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"image_grid needs uint8 [N, H, W, C], got {images.dtype} {images.shape}.")
-    n, h, w, c = images.shape
-    columns = columns or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / columns)
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, columns)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top : top + h, left : left + w] = img
-    return grid
-
-
-def save_png(path: str, image: np.ndarray) -> None:
-    """Writes a uint8 [H, W, C] image (C = 1 or 3) as PNG, atomically (tmp file + rename)."""
-    img = image[..., 0] if image.shape[-1] == 1 else image
-    with atomic_writer(path, "wb") as f:
-        Image.fromarray(img).save(f, format="PNG")
+from ddpm_jax.files import atomic_writer
+from ddpm_jax.images import image_grid, save_png
+from ddpm_jax.runtime.workdir import METRICS_FILE
 
 
 def drop_rows_after(path: str, step: int) -> int:

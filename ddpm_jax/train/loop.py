@@ -1,4 +1,4 @@
-"""The training loop: `train_and_evaluate(config, workdir)`, resumable, kill-safe, one way down.
+"""The training loop: `train(config, workdir)`, resumable, kill-safe, one way down.
 
 Start-up, in this order, so that nothing is written before every check has passed:
 
@@ -29,10 +29,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax.data import pipeline
+from ddpm_jax import files
+from ddpm_jax.data import pipeline, sources
 from ddpm_jax.errors import ConfigError, WorkdirError
-from ddpm_jax.experiment import ExperimentConfig, Stream, stream_key
+from ddpm_jax.experiment import ExperimentConfig, Stream, changes, stream_key
 from ddpm_jax.experiment.chain_program import ChainProgram
+from ddpm_jax.images import to_uint8
 from ddpm_jax.runtime import checkpointing, metrics, preemption
 from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime import workdir as wd
@@ -43,13 +45,14 @@ from ddpm_jax.train.step import check_finite, make_bpd_estimate_fn, make_train_s
 
 def resume_changes(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
-) -> list[wd.FieldChange]:
+) -> list[changes.FieldChange]:
     """Checks a resumed run's config against `<workdir>/config.json`; returns the changes.
 
     Raises:
-      ConfigError: a field in `workdir.RESUME_REFUSED` changed (each one named with its old
-        and new value), unless `allow_config_change`; or config.json is missing although
-        checkpoints exist, unless `allow_config_change`.
+      ConfigError: a field in `experiment.changes.RESUME_REFUSED` changed (each one named
+        with its old and new value), unless `allow_config_change`.
+      WorkdirError: config.json is missing although checkpoints exist, unless
+        `allow_config_change`.
     """
     if not wd.has_config(workdir):
         if allow_config_change:
@@ -62,8 +65,8 @@ def resume_changes(
             "with --config.training.allow_config_change=True (a different network still "
             "fails, naming the parameters that differ)."
         )
-    changes = wd.config_changes(wd.read_config(workdir), config)
-    refused, warned, _ = wd.classify_resume_changes(changes)
+    found = changes.config_changes(changes.read_config(workdir), config)
+    refused, warned, _ = changes.classify_resume_changes(found)
     if refused and not allow_config_change:
         raise ConfigError(
             f"Refusing to resume {workdir}: {', '.join(map(str, refused))} differ(s) from its "
@@ -74,7 +77,7 @@ def resume_changes(
         )
     for change in refused + warned:
         logging.warning("Resuming with a changed config: %s.", change)
-    return changes
+    return found
 
 
 @dataclasses.dataclass
@@ -176,7 +179,7 @@ class WriteSampleGrid:
                       unit="reverse steps") as bar:  # fmt: skip
             images, _ = program(state.ema_params, key, 0, self._labels, bar)
         images = shd.global_to_host(images)[: self.num_images]
-        path = self.ctx.writer.write_images(step, "samples", metrics.to_uint8(images))
+        path = self.ctx.writer.write_images(step, "samples", to_uint8(images))
         if path:
             logging.info("Step %d: samples written to %s", step, path)
         self.ctx.throughput.restart(step)  # sampling time is not training throughput.
@@ -216,7 +219,7 @@ def _refuse_imported(directory: str, step: int) -> None:
         )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains from `config`, resuming from the newest checkpoint in `workdir` if there is one.
 
     Writes `<workdir>/config.json`, checkpoints under `<workdir>/checkpoints`, metrics to
@@ -234,15 +237,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     Raises:
       ConfigError, DataError, WorkdirError (`ddpm_jax.errors.UserError`s): a bad config, data
         that cannot be read, a workdir in use or whose config.json the config contradicts.
-      NonFiniteLossError: the loss or a logged metric became NaN/Inf.
+      NonFiniteError: the loss, the gradient or a logged metric became NaN/Inf.
       CheckpointSaveError: an asynchronous save failed.
     """
-    workdir = wd.resolve_path(workdir)
-    config = wd.resolve_config_paths(config)
+    workdir = files.resolve_path(workdir)
+    config = changes.resolve_config_paths(config)
     cfg = ExperimentConfig.from_config(config)
     mesh = shd.make_mesh()
     cfg.check_devices(mesh.devices.size, jax.process_count())
-    info = pipeline.get_dataset_info(
+    info = sources.get_dataset_info(
         cfg.data, num_classes=cfg.model.num_classes, global_batch_size=cfg.training.batch_size
     )
     setup = build(cfg, mesh)
@@ -265,13 +268,14 @@ def rollback_step(config: ml_collections.ConfigDict, workdir: str) -> int | None
     wanted = config.training.get("resume_step")
     if wanted is None or not wd.has_config(workdir):
         return wanted
-    return None if wd.read_config(workdir).training.get("resume_step") == wanted else wanted
+    saved = changes.read_config(workdir)
+    return None if saved.training.get("resume_step") == wanted else wanted
 
 
 def _train(config, cfg: ExperimentConfig, workdir, mesh, setup: TrainSetup, info, is_main):
     tc = cfg.training
     has_checkpoints = bool(checkpointing.complete_steps(workdir))
-    changes = resume_changes(config, workdir, tc.allow_config_change) if has_checkpoints else []
+    accepted = resume_changes(config, workdir, tc.allow_config_change) if has_checkpoints else []
     resume_step = rollback_step(config, workdir) if has_checkpoints else tc.resume_step
     ckpt = checkpointing.Checkpointer(
         workdir,
@@ -286,8 +290,8 @@ def _train(config, cfg: ExperimentConfig, workdir, mesh, setup: TrainSetup, info
             dropped = metrics.drop_rows_after(f"{workdir}/{wd.METRICS_FILE}", start_step)
             if dropped:
                 logging.info("Dropped %d metrics rows past step %d.", dropped, start_step)
-            if changes:
-                wd.append_config_history(workdir, start_step, changes)
+            if accepted:
+                wd.append_config_history(workdir, start_step, accepted)
             wd.write_config(config, workdir)
         return _loop(cfg, workdir, mesh, setup, info, ckpt, state, is_main)
     finally:

@@ -19,7 +19,7 @@ import optax
 from ddpm_jax.experiment import Experiment
 from ddpm_jax.experiment.config import OptimConfig
 from ddpm_jax.runtime import sharding as shd
-from ddpm_jax.train import timestep_sampler
+from ddpm_jax.train import timestep_proposal
 
 PyTree = Any
 
@@ -43,14 +43,15 @@ class TrainState:
 
 @flax.struct.dataclass
 class LossAwareTrainState(TrainState):
-    """A `TrainState` with the loss history of `config.diffusion.timestep_sampler =
-    "loss_aware"` (`train.timestep_sampler`), saved and restored with the rest.
+    """A `TrainState` with the loss history of `config.diffusion.timestep_proposal =
+    "loss_aware"` (`train.timestep_proposal`), saved and restored with the rest.
 
     A separate class rather than an empty field of `TrainState`, so that the checkpoints of
-    uniform runs keep their layout.
+    uniform runs keep their layout. The field keeps the name it has in the checkpoints
+    written since the proposal was added (the key of that subtree), so they all resume.
     """
 
-    timestep_sampler: timestep_sampler.ResamplerState
+    timestep_sampler: timestep_proposal.ResamplerState
 
 
 def learning_rate_fn(optim: OptimConfig) -> optax.Schedule:
@@ -93,9 +94,9 @@ def init_state(
         ema_params=jax.tree.map(jnp.copy, params),
         opt_state=optimizer.init(params),
     )
-    if experiment.config.diffusion.timestep_sampler == "loss_aware":
+    if experiment.config.diffusion.timestep_proposal == "loss_aware":
         T = experiment.schedule.num_timesteps
-        return LossAwareTrainState(**fields, timestep_sampler=timestep_sampler.init_state(T))
+        return LossAwareTrainState(**fields, timestep_sampler=timestep_proposal.init_state(T))
     return TrainState(**fields)
 
 

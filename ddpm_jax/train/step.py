@@ -1,6 +1,6 @@
 """The pure train step `(state, batch) -> (state, metrics)` and the bound estimate it logs.
 
-The loss is the weighted ELBO of `ddpm_jax.diffusion.training_losses`. Randomness is
+The loss is the weighted ELBO of `ddpm_jax.losses.training_losses`. Randomness is
 `fold_in(stream_key(seed, TRAIN_STEP), step)`: the step is a pure function of (state, batch),
 and batch s is a pure function of (seed, s), so a resumed run continues bit-identically.
 """
@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import diffusion, likelihood
+from ddpm_jax import likelihood
+from ddpm_jax import losses as losses_lib
 from ddpm_jax.errors import NonFiniteError
 from ddpm_jax.experiment import Experiment, Stream, stream_key
-from ddpm_jax.train import timestep_sampler
+from ddpm_jax.train import timestep_proposal
 from ddpm_jax.train.state import TrainState, learning_rate_fn, make_ema_decay_fn
 
 # Strata of the timesteps 1..T-1 in the logged bound estimate (see `make_bpd_estimate_fn`).
@@ -41,10 +42,10 @@ def make_train_step(
     num_classes = experiment.num_classes
     base_key = stream_key(cfg.training.seed, Stream.TRAIN_STEP)
     sched = experiment.schedule
-    loss_aware = d.timestep_sampler == "loss_aware"
+    loss_aware = d.timestep_proposal == "loss_aware"
 
     def loss_fn(params, images, labels, key, history):
-        """The batch's mean loss, and (per-example losses, t) for the loss-aware sampler."""
+        """The batch's mean loss, and (per-example losses, t) for the loss-aware proposal."""
         dropout_key, loss_key, label_key = jax.random.split(key, 3)
         y = None
         if num_classes > 0:  # drop 10% of labels to the null class for guidance.
@@ -52,11 +53,11 @@ def make_train_step(
             y = jnp.where(drop, num_classes, labels)
         t, weights = None, 1.0
         if loss_aware:  # importance-sampled t, reweighted by 1/(T p_t): still unbiased.
-            t, weights = timestep_sampler.draw(
+            t, weights = timestep_proposal.draw(
                 history, jax.random.fold_in(loss_key, 1), images.shape[0]
             )
         model_fn = experiment.model_fn(params, y, train=True, rngs={"dropout": dropout_key})
-        losses = diffusion.training_losses(
+        losses = losses_lib.training_losses(
             model_fn,
             sched,
             images,
@@ -109,7 +110,7 @@ def make_train_step(
         )
         if loss_aware:
             new_state = new_state.replace(
-                timestep_sampler=timestep_sampler.update(history, ts, per_example)
+                timestep_sampler=timestep_proposal.update(history, ts, per_example)
             )
         step_metrics = {
             "loss": loss,
@@ -148,13 +149,8 @@ def make_bpd_estimate_fn(experiment: Experiment) -> Callable:
     return bpd_estimate
 
 
-class NonFiniteLossError(NonFiniteError):
-    """The loss, the gradient norm or a logged metric became NaN/Inf; the run stopped without
-    saving that state."""
-
-
 def check_finite(step_metrics: Mapping[str, Any], step: int, kept_steps: list[int]) -> None:
-    """Raises `NonFiniteLossError` if the step's `finite` flag (or any metric) is not finite.
+    """Raises `errors.NonFiniteError` if the step's `finite` flag (or any metric) is not finite.
 
     Args:
       step_metrics: host values of the step's metrics (`finite` and the logged scalars).
@@ -177,7 +173,7 @@ def check_finite(step_metrics: Mapping[str, Any], step: int, kept_steps: list[in
         if kept_steps
         else ""
     )
-    raise NonFiniteLossError(
+    raise NonFiniteError(
         f"Non-finite {what} at step {step} ({values}); stopping "
         "without saving this state. The last checkpoint is intact: lower "
         f"config.optim.learning_rate or check the data, then run again to resume{earlier}."

@@ -3,7 +3,7 @@
 Layout: `<workdir>/checkpoints/<step>/` holds two orbax items (`items`): `"state"`, the whole
 training state pytree (step, params, ema_params, opt_state, ...), restored onto the caller's
 target shardings, and `"extra"`, a JSON dict of host-side state (the data position).
-A subtree of `"state"` (e.g. `ema_params`) can be restored alone with `load_subtree`
+A subtree of `"state"` (e.g. `ema_params`) can be restored alone with `restore_subtree`
 (`reading`), without building the optimizer: a sampling or evaluation job needs only the model.
 
 Atomicity: orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>`
@@ -37,7 +37,6 @@ from ddpm_jax.runtime.checkpointing.items import (
     EXTRA_ITEM,
     STATE_ITEM,
     CheckpointSaveError,
-    NonFiniteStateError,
     all_finite,
     nonfinite_leaves,
 )
@@ -45,22 +44,17 @@ from ddpm_jax.runtime.checkpointing.manager import Checkpointer
 from ddpm_jax.runtime.checkpointing.reading import (
     complete_steps,
     latest_step,
-    load_subtree,
     restore_subtree,
 )
-from ddpm_jax.runtime.workdir import checkpoint_dir
 
 __all__ = [
     "EXTRA_ITEM",
     "STATE_ITEM",
     "CheckpointSaveError",
     "Checkpointer",
-    "NonFiniteStateError",
     "all_finite",
-    "checkpoint_dir",
     "complete_steps",
     "latest_step",
-    "load_subtree",
     "nonfinite_leaves",
     "restore_subtree",
 ]

@@ -30,10 +30,6 @@ EXTRA_ITEM = "extra"
 cpm = ocp.checkpoint_managers  # the save-decision and preservation policies
 
 
-class NonFiniteStateError(ValueError):
-    """Raised instead of writing a checkpoint whose state holds NaN or Inf."""
-
-
 class CheckpointSaveError(WorkdirError):
     """An asynchronous save failed (a full disk, a lost mount, ...); the run must stop."""
 

@@ -11,13 +11,12 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ddpm_jax.errors import WorkdirError, WorkdirNotFoundError
+from ddpm_jax.errors import NonFiniteError, WorkdirError, WorkdirNotFoundError
 from ddpm_jax.runtime.checkpointing import dirs
 from ddpm_jax.runtime.checkpointing.items import (
     EXTRA_ITEM,
     STATE_ITEM,
     CheckpointSaveError,
-    NonFiniteStateError,
     check_structure,
     cpm,
     first_line,
@@ -160,7 +159,7 @@ class Checkpointer:
           `step` or later already exists.
 
         Raises:
-          NonFiniteStateError: if a floating-point leaf holds NaN or Inf (nothing is written).
+          NonFiniteError: if a floating-point leaf holds NaN or Inf (nothing is written).
           ValueError: if `extra` is not JSON-able.
         """
         step = int(step)
@@ -175,7 +174,7 @@ class Checkpointer:
         bad = nonfinite_leaves(state)
         if bad:
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            raise NonFiniteStateError(
+            raise NonFiniteError(
                 f"Refusing to save the checkpoint at step {step}: non-finite values (NaN/Inf) in "
                 f"{shown}. The last good checkpoint is step {latest}."
             )

@@ -63,18 +63,6 @@ def _read_only_manager(directory: str) -> Iterator[ocp.CheckpointManager]:
         manager.close()
 
 
-def load_subtree(
-    workdir: str | os.PathLike,
-    key: str = "ema_params",
-    abstract: PyTree | None = None,
-    *,
-    step: int | None = None,
-    sharding: jax.sharding.Sharding | None = None,
-) -> PyTree:
-    """`restore_subtree(...)` without the step: the subtree alone."""
-    return restore_subtree(workdir, key, abstract, step=step, sharding=sharding)[0]
-
-
 def restore_subtree(
     workdir: str | os.PathLike,
     key: str = "ema_params",

@@ -1,11 +1,11 @@
-"""`Sampler` and `load_sampler`: sharded, chunked, jitted sampling from a workdir's EMA weights.
+"""`TrainedModel` and `load_sampler`: a workdir's EMA weights, sampled sharded, chunked, jitted.
 
     import ddpm_jax
 
-    sampler = ddpm_jax.load_sampler("workdirs/digits")        # EMA params, latest step
-    images = sampler.sample(64, seed=0)                        # uint8 [64, H, W, C]
-    fast = sampler.sample(64, seed=0, sampler="ddim", num_steps=50)
-    x0_hat = sampler.model_fn(x_t, t)                          # the network, jitted
+    model = ddpm_jax.load_sampler("workdirs/digits")          # EMA params, latest step
+    images = model.sample(64, seed=0)                          # uint8 [64, H, W, C]
+    fast = model.sample(64, seed=0, sampler="ddim", num_steps=50)
+    x0_hat = model.model_fn(x_t, t)                            # the network, jitted
 
 Randomness: chunk c of a request with key k uses `fold_in(k, c)`, and image j of that chunk
 `fold_in(fold_in(k, c), j)` (split into its chain's key and its class label's key). Each image
@@ -24,16 +24,22 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from ddpm_jax import fields
+from ddpm_jax import fields, files
 from ddpm_jax.errors import ConfigError
-from ddpm_jax.experiment import Experiment, ExperimentConfig, ReverseProcess, SamplingOptions
+from ddpm_jax.experiment import (
+    Experiment,
+    ExperimentConfig,
+    ReverseProcess,
+    SamplingOptions,
+    changes,
+)
 from ddpm_jax.experiment.chain_program import ChainProgram, raw_key
-from ddpm_jax.runtime import checkpointing, compilation_cache, metrics
+from ddpm_jax.images import to_uint8
+from ddpm_jax.runtime import checkpointing, compilation_cache
 from ddpm_jax.runtime import sharding as shd
-from ddpm_jax.runtime import workdir as wd
 from ddpm_jax.runtime.progress import Progress
 
-__all__ = ["Chunk", "Sampler", "SamplingOptions", "chunk_sizes", "load_sampler", "raw_key"]
+__all__ = ["Chunk", "TrainedModel", "chunk_sizes", "load_sampler"]
 
 PyTree = Any
 
@@ -60,10 +66,12 @@ def chunk_sizes(num_images: int, batch_size: int) -> list[int]:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Sampler:
-    """Draws samples from a trained model's EMA parameters, sharded over every device.
+class TrainedModel:
+    """A trained (or imported) model's EMA parameters, for sampling sharded over every device.
 
-    Build it with `load_sampler(workdir)`. Calls are chunked by `config.sampling.batch_size`;
+    Build it with `load_sampler(workdir)`. "Sampler" in this package means the chain
+    algorithm (`config.sampling.sampler`: "ancestral", "ddim", ...); this class runs any of
+    them over the workdir's network. Calls are chunked by `config.sampling.batch_size`;
     each chunk is a jitted program whose batch is sharded over the mesh's "data" axis, padded
     to a multiple of the device count (the padding is dropped). In a multi-process run every
     process must make the same calls (they are collective); each gets the full result.
@@ -85,13 +93,13 @@ class Sampler:
     _compiled: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def from_config(cls, config: Any, workdir: str, *, step: int | None = None) -> Sampler:
+    def from_config(cls, config: Any, workdir: str, *, step: int | None = None) -> TrainedModel:
         """Restores only the EMA parameters of `workdir`'s checkpoint `step` (default latest).
 
         No optimizer or train state is built: the parameters' shapes come from the network.
 
         Args:
-          config: a resolved config (`workdir.resolve_config`), ConfigDict or parsed: its
+          config: a resolved config (`experiment.changes.run_config`), ConfigDict or parsed: its
             model/data/diffusion must be those the checkpoint was trained with.
           workdir: the training run's workdir.
           step: checkpoint step; None for the newest that restores.
@@ -108,8 +116,8 @@ class Sampler:
         return cls(experiment.config, params, int(step), mesh, experiment)
 
     @property
-    def model(self):
-        """The U-Net."""
+    def network(self):
+        """The U-Net (a flax.linen Module)."""
         return self.experiment.model
 
     @property
@@ -285,8 +293,8 @@ class Sampler:
             labels=labels, batch_size=batch_size, return_labels=return_labels, progress=progress,
         )  # fmt: skip
         if return_labels:
-            return metrics.to_uint8(out[0]), out[1]
-        return metrics.to_uint8(out)
+            return to_uint8(out[0]), out[1]
+        return to_uint8(out)
 
     def sample_float(
         self,
@@ -346,8 +354,8 @@ def load_sampler(
     step: int | None = None,
     config_overrides: Mapping[str, Any] | None = None,
     compilation_cache_dir: str | None = compilation_cache.DEFAULT,
-) -> Sampler:
-    """A `Sampler` for the EMA parameters of a training (or imported) workdir.
+) -> TrainedModel:
+    """The `TrainedModel` of a training (or imported) workdir's EMA parameters, to sample from.
 
     Reads `<workdir>/config.json` and restores only `ema_params` (no optimizer state) onto
     every device; compiles lazily, once per chunk shape and sampling options.
@@ -356,24 +364,25 @@ def load_sampler(
       workdir: the workdir (`~` and relative paths are resolved here).
       step: checkpoint step; None for the newest that restores.
       config_overrides: dotted-path changes, e.g. `{"sampling.batch_size": 64,
-        "sampling.num_steps": 100}` (see `workdir.apply_overrides` for what may change).
+        "sampling.num_steps": 100}` (see `experiment.changes.apply_overrides` for what may
+        change).
       compilation_cache_dir: turns on JAX's persistent compilation cache there, unless the
         process already has one (so a second `load_sampler` of the same model starts in
         seconds); the default is `compilation_cache.default_dir()`, None leaves JAX's
         setting alone.
 
     Returns:
-      The `Sampler`; `sampler.sample(n, seed=s)` gives uint8 [n, H, W, C].
+      The `TrainedModel`; `model.sample(n, seed=s)` gives uint8 [n, H, W, C].
 
     Raises:
       WorkdirNotFoundError: no config.json or no checkpoint in `workdir`.
       ConfigError, WorkdirError: a bad override, or a config.json that does not parse.
     """
-    workdir = wd.resolve_path(workdir)
+    workdir = files.resolve_path(workdir)
     if compilation_cache_dir is not None:
         compilation_cache.enable(compilation_cache_dir, only_if_unset=True)
-    config = wd.apply_overrides(wd.read_config(workdir), config_overrides)
+    config = changes.apply_overrides(changes.read_config(workdir), config_overrides)
     try:
-        return Sampler.from_config(config, workdir, step=step)
+        return TrainedModel.from_config(config, workdir, step=step)
     except ConfigError as e:
         raise ConfigError(f"{workdir}/config.json: {e}") from e

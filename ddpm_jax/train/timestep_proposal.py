@@ -1,4 +1,5 @@
-"""Which timesteps the training loss is taken at: uniformly, or by importance (loss-aware).
+"""The proposal of the training timesteps (`config.diffusion.timestep_proposal`): uniform, or
+by importance ("loss_aware").
 
 "loss_aware" is Nichol & Dhariwal's loss-second-moment resampler: t is drawn with
 p_t ∝ sqrt(E[L_t²]) over the last `HISTORY` losses seen at t, mixed with a uniform floor
@@ -18,11 +19,10 @@ import jax.numpy as jnp
 
 HISTORY = 10
 UNIFORM_PROB = 0.001
-SAMPLERS = ("uniform", "loss_aware")
 
 
 class ResamplerState(NamedTuple):
-    """The loss history of the "loss_aware" sampler.
+    """The loss history of the "loss_aware" proposal.
 
     Attributes:
       losses: float32 [T, HISTORY], the last losses seen at each t, oldest first once full.
