@@ -299,8 +299,11 @@ def test_converter_covers_every_variable_exactly_once(variables):
     torch_shapes = _torch_state_dict_shapes()
     state_dict = {k: rng.standard_normal(s).astype(np.float32) for k, s in torch_shapes.items()}
     flat = weights.convert_state_dict(state_dict)
-    used = [k for k in torch_shapes if not k.startswith("fc.") and "num_batches" not in k]
-    assert len(flat) == len(used) == 470  # injective: no two torch keys land on one variable
+    used = [k for k in torch_shapes if "num_batches" not in k]
+    assert len(flat) == len(used) == 472  # injective: no two torch keys land on one variable
+    # The logits layer is kept beside the network: fc.weight transposed, fc.bias as it is.
+    np.testing.assert_array_equal(flat.pop("fc/kernel"), state_dict["fc.weight"].T)
+    np.testing.assert_array_equal(flat.pop("fc/bias"), state_dict["fc.bias"])
 
     abstract = jax.eval_shape(
         inception.FIDInceptionV3(resize_input=False).init,

@@ -5,7 +5,8 @@ python -m ddpm_jax.fid convert [SOURCE] --out-dir DIR [--sha256 HEX]
     verifies it, converts it to .npz in DIR (needs torch), and prints the path and SHA-256
     to put in config.eval.inception_weights / config.eval.inception_sha256.
 python -m ddpm_jax.fid check FILE [--sha256 HEX]
-    Verifies FILE's SHA-256 and, for a .npz, that it loads with every expected key/shape.
+    Verifies FILE's SHA-256 and, for a .npz, that it loads with every expected key/shape and
+    whether it holds the logits layer that the Inception Score needs.
 """
 
 import argparse
@@ -57,8 +58,13 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(weights.verify_sha256(args.file, args.sha256))
         if args.file.endswith(".npz"):
-            weights.load_variables_npz(args.file)
+            _, logits = weights.load_weights_npz(args.file)
             print("all variables present with the expected shapes")
+            if logits:
+                print("logits layer present: FID, sFID, IS, precision and recall")
+            else:
+                print("no logits layer (converted by an older ddpm_jax): FID, sFID, precision and "
+                      "recall, but no IS until converted again")  # fmt: skip
     return 0
 
 

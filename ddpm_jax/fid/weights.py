@@ -27,6 +27,13 @@ Integrity policy (`verify_sha256`), applied to every file before it is read:
 
 Nothing is unpickled: `.npz` files are read with `allow_pickle=False`, and their keys and shapes
 are checked against the network before use.
+
+The converted file also keeps pytorch-fid's logits layer (`fc/kernel` [2048, 1008], `fc/bias`
+[1008]), which the Inception Score needs. Files converted before it was kept still load and
+serve FID (and sFID, precision, recall); they only lack `InceptionWeights.logits_kernel`, and
+`require_logits_kernel` refuses them in one line. The weights' fingerprint covers the network
+alone, so cached reference statistics of the pool features keep their names whether or not a
+file holds the logits layer.
 """
 
 import hashlib
@@ -50,10 +57,17 @@ PYTORCH_FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
     "pt_inception-2015-12-05-6726825d.pth"
 )
-# Keys of the PyTorch checkpoint that the feature extractor does not use: the 1008-way logits
-# layer, and BatchNorm's step counters (present in checkpoints saved by newer PyTorch).
+# BatchNorm's step counters (present in checkpoints saved by newer PyTorch) are not weights.
 _IGNORED_TORCH_SUFFIXES = (".num_batches_tracked",)
-_IGNORED_TORCH_KEYS = frozenset({"fc.weight", "fc.bias"})
+# The logits layer, kept beside the network's variables (not in them: the fingerprint and the
+# network stay those of FID). torch `fc.weight` [1008, 2048] is stored transposed.
+LOGITS_KERNEL = "fc/kernel"
+LOGITS_BIAS = "fc/bias"
+LOGITS_SHAPES = {
+    LOGITS_KERNEL: (inception.FEATURE_DIM, inception.LOGITS_DIM),
+    LOGITS_BIAS: (inception.LOGITS_DIM,),
+}
+_TORCH_LOGITS = {"fc.weight": LOGITS_KERNEL, "fc.bias": LOGITS_BIAS}
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
@@ -65,14 +79,33 @@ class InceptionWeights(NamedTuple):
     Attributes:
         variables: {"params": ..., "batch_stats": ...} float32 numpy arrays for
             `FIDInceptionV3.apply`.
-        fingerprint: SHA-256 hex of the variables' contents (names, shapes, values):
-            the key under which reference statistics are cached.
+        fingerprint: SHA-256 hex of the variables' contents (names, shapes, values; not the
+            logits layer): the key under which reference statistics are cached.
         path: the verified `.npz` file they came from.
+        logits_kernel: float32 [2048, 1008], the kernel of the logits layer (TF's
+            `softmax/weights`), or None for a file converted without it.
     """
 
     variables: dict[str, Any]
     fingerprint: str
     path: Path
+    logits_kernel: np.ndarray | None = None
+
+
+def require_logits_kernel(weights: InceptionWeights) -> np.ndarray:
+    """The logits kernel of `weights`, or a one-line ValueError saying how to get it.
+
+    Raises:
+        ValueError: the weights file predates the logits layer (converted without `fc`).
+    """
+    if weights.logits_kernel is None:
+        raise ValueError(
+            f"{weights.path} has no logits layer ({LOGITS_KERNEL}), which the Inception Score "
+            "needs: it was converted by an older ddpm_jax; convert pytorch-fid's weights again "
+            "(`python -m ddpm_jax.fid convert --out-dir DIR`) and point "
+            "config.eval.inception_weights and inception_sha256 at the new file."
+        )
+    return weights.logits_kernel
 
 
 def default_cache_dir() -> Path:
@@ -227,8 +260,10 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
     `Mixed_5b.branch1x1.conv.weight` becomes `params/Mixed_5b/branch1x1/conv/kernel`
     (transposed), `*.bn.weight/bias` become `params/*/bn/scale|bias`, and
-    `*.bn.running_mean/var` become `batch_stats/*/bn/mean|var`. The logits layer (`fc.*`)
-    and `*.num_batches_tracked` are dropped. The result is checked with `check_variables`.
+    `*.bn.running_mean/var` become `batch_stats/*/bn/mean|var`. The logits layer is kept:
+    `fc.weight` [1008, 2048] becomes `fc/kernel` [2048, 1008] (transposed) and `fc.bias`
+    `fc/bias`. `*.num_batches_tracked` are dropped. The result is checked with
+    `check_variables`.
 
     Args:
         state_dict: torch-style name -> array-like (numpy arrays, or CPU tensors via
@@ -244,7 +279,11 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     flat: dict[str, np.ndarray] = {}
     unknown, wrong = [], []
     for key, value in state_dict.items():
-        if key in _IGNORED_TORCH_KEYS or key.endswith(_IGNORED_TORCH_SUFFIXES):
+        if key.endswith(_IGNORED_TORCH_SUFFIXES):
+            continue
+        if key in _TORCH_LOGITS:
+            array = np.asarray(value, dtype=np.float32)
+            flat[_TORCH_LOGITS[key]] = np.ascontiguousarray(array.T if array.ndim == 2 else array)
             continue
         module, _, leaf = key.rpartition(".")
         module, _, layer = module.rpartition(".")
@@ -314,13 +353,17 @@ def save_variables_npz(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) 
 
 
 def check_variables(flat: Mapping[str, np.ndarray]) -> None:
-    """Checks flat variables against `inception.variable_shapes()`.
+    """Checks flat variables against `inception.variable_shapes()` and `LOGITS_SHAPES`.
+
+    Every network variable must be present; the logits layer's `fc/kernel` and `fc/bias` may
+    be (files converted before it was kept lack them), with their shapes.
 
     Raises:
         ValueError: naming every missing, unexpected and mis-shaped key.
     """
-    expected = inception.variable_shapes()
-    missing = sorted(set(expected) - set(flat))
+    required = inception.variable_shapes()
+    expected = {**required, **LOGITS_SHAPES}
+    missing = sorted(set(required) - set(flat))
     unexpected = sorted(set(flat) - set(expected))
     wrong = sorted(
         f"{k}: {tuple(np.shape(flat[k]))} (expected {expected[k]})"
@@ -342,7 +385,22 @@ def load_variables_npz(path: str | os.PathLike) -> dict[str, Any]:
     """Loads and checks variables written by `save_variables_npz` (never unpickles).
 
     Returns:
-        {"params": ..., "batch_stats": ...} of float32 numpy arrays.
+        {"params": ..., "batch_stats": ...} of float32 numpy arrays (the network; a logits
+        layer in the file is checked but not returned: see `load_weights_npz`).
+
+    Raises:
+        ValueError: missing, unexpected or mis-shaped keys (all named), or a non-float array.
+    """
+    return load_weights_npz(path)[0]
+
+
+def load_weights_npz(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Loads and checks a converted `.npz`: the network's variables and the logits layer.
+
+    Returns:
+        (variables, logits): variables as `load_variables_npz`; logits is
+        {"fc/kernel": float32 [2048, 1008], "fc/bias": float32 [1008]}, or {} for a file
+        converted without the logits layer.
 
     Raises:
         ValueError: missing, unexpected or mis-shaped keys (all named), or a non-float array.
@@ -354,7 +412,20 @@ def load_variables_npz(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: non-float arrays {_preview(bad_dtype)}.")
     check_variables(flat)
     flat = {k: v.astype(np.float32, copy=False) for k, v in flat.items()}
-    return traverse_util.unflatten_dict(flat, sep="/")
+    logits = {k: flat.pop(k) for k in LOGITS_SHAPES if k in flat}
+    return traverse_util.unflatten_dict(flat, sep="/"), logits
+
+
+def has_logits_layer(path: str | os.PathLike) -> bool:
+    """Whether a converted `.npz` holds the logits kernel (reads the zip directory only).
+
+    False also for a file that is not a zip archive; loading it then fails on its own terms.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return f"{LOGITS_KERNEL}.npy" in zf.namelist()
+    except zipfile.BadZipFile:
+        return False
 
 
 def variables_fingerprint(variables: Mapping[str, Any]) -> str:
@@ -378,7 +449,8 @@ def load_inception_weights(
     """Fetches, verifies and loads FID Inception weights from a `.npz` or `.pth` path/URL.
 
     A `.pth` is converted once (needs torch) into `cache_dir`, under a name carrying its own
-    hash prefix; later calls reuse the converted file.
+    hash prefix; later calls reuse the converted file. A cached conversion that predates the
+    logits layer is converted again when torch is present, and used as it is otherwise.
 
     Raises:
         FileNotFoundError, OSError, urllib.error.URLError: the weights cannot be obtained.
@@ -390,8 +462,14 @@ def load_inception_weights(
     if path.suffix == ".pth":
         source_tag = hash_prefix_from_name(path.name) or sha256_file(path)[:8]
         converted = sorted(cache.glob(f"fid_inception_v3_from_{source_tag}-*.npz"))
-        if converted:
-            path = converted[-1]
+        with_logits = [p for p in converted if has_logits_layer(p)]
+        if with_logits:
+            path = with_logits[-1]
+        elif converted:
+            try:
+                path = convert_torch_checkpoint(path, cache)
+            except ImportError:  # no torch here: the older file still serves FID.
+                path = converted[-1]
         else:
             path = convert_torch_checkpoint(path, cache)
         verify_sha256(path)
@@ -400,8 +478,10 @@ def load_inception_weights(
             f"config.eval.inception_weights must name a .npz (converted) or .pth file, got "
             f"{path.name!r}."
         )
-    variables = load_variables_npz(path)
-    return InceptionWeights(variables, variables_fingerprint(variables), path)
+    variables, logits = load_weights_npz(path)
+    return InceptionWeights(
+        variables, variables_fingerprint(variables), path, logits.get(LOGITS_KERNEL)
+    )
 
 
 def try_load_inception_weights(
