@@ -18,7 +18,7 @@ import pytest
 from flax import traverse_util
 from scipy import linalg
 
-from ddpm_jax.fid import frechet, inception, weights
+from ddpm_jax.fid import download, frechet, inception, weights
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -299,8 +299,11 @@ def test_converter_covers_every_variable_exactly_once(variables):
     torch_shapes = _torch_state_dict_shapes()
     state_dict = {k: rng.standard_normal(s).astype(np.float32) for k, s in torch_shapes.items()}
     flat = weights.convert_state_dict(state_dict)
-    used = [k for k in torch_shapes if not k.startswith("fc.") and "num_batches" not in k]
-    assert len(flat) == len(used) == 470  # injective: no two torch keys land on one variable
+    used = [k for k in torch_shapes if "num_batches" not in k]
+    assert len(flat) == len(used) == 472  # injective: no two torch keys land on one variable
+    # The logits layer is kept beside the network: fc.weight transposed, fc.bias as it is.
+    np.testing.assert_array_equal(flat.pop("fc/kernel"), state_dict["fc.weight"].T)
+    np.testing.assert_array_equal(flat.pop("fc/bias"), state_dict["fc.bias"])
 
     abstract = jax.eval_shape(
         inception.FIDInceptionV3(resize_input=False).init,
@@ -397,19 +400,19 @@ def test_verify_sha256(tmp_path):
     digest = hashlib.sha256(data).hexdigest()
     named = tmp_path / f"w-{digest[:8]}.pth"
     named.write_bytes(data)
-    assert "prefix" in weights.verify_sha256(named)
-    assert digest in weights.verify_sha256(named, digest.upper())
+    assert "prefix" in download.verify_sha256(named)
+    assert digest in download.verify_sha256(named, digest.upper())
     plain = tmp_path / "w.pth"
     plain.write_bytes(data)
     with pytest.raises(ValueError, match="cannot verify"):
-        weights.verify_sha256(plain)
+        download.verify_sha256(plain)
     with pytest.raises(ValueError, match="inception_sha256 must be 64 hex"):
-        weights.verify_sha256(plain, digest[:8])
+        download.verify_sha256(plain, digest[:8])
     named.write_bytes(b"fid weightz")  # tampered
     with pytest.raises(ValueError, match="mismatch"):
-        weights.verify_sha256(named)
+        download.verify_sha256(named)
     with pytest.raises(ValueError, match="mismatch"):
-        weights.verify_sha256(named, digest)
+        download.verify_sha256(named, digest)
 
 
 def test_fetch_url_verifies_before_caching(tmp_path):
@@ -419,12 +422,12 @@ def test_fetch_url_verifies_before_caching(tmp_path):
     good = src / f"w-{hashlib.sha256(data).hexdigest()[:8]}.npz"
     good.write_bytes(data)
     cache = tmp_path / "cache"
-    got = weights.fetch(good.as_uri(), cache)
+    got = download.fetch(good.as_uri(), cache)
     assert got == cache / good.name and got.read_bytes() == data
     bad = src / "v-00000000.npz"
     bad.write_bytes(data)
     with pytest.raises(ValueError, match="mismatch"):
-        weights.fetch(bad.as_uri(), cache)
+        download.fetch(bad.as_uri(), cache)
     assert sorted(p.name for p in cache.iterdir()) == [good.name]  # nothing unverified left
 
 

@@ -156,7 +156,7 @@ def load_weights(config: ExperimentConfig) -> tuple[fid.InceptionWeights | None,
 
 def cache_dir(config: ExperimentConfig) -> str:
     """Where FID reference statistics are cached: `config.eval.fid_cache_dir` or the default."""
-    return config.eval.fid_cache_dir or str(fid.weights.default_cache_dir())
+    return config.eval.fid_cache_dir or str(fid.download.default_cache_dir())
 
 
 def fid_score(

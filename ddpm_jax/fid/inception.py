@@ -11,8 +11,25 @@ trunk with the graph's quirks,
   and ReLU.
 
 Module and parameter names mirror the PyTorch state dict (`Mixed_5b/branch1x1/conv/kernel` is
-`Mixed_5b.branch1x1.conv.weight`), so the weight converter is a rename plus a transpose. The
-classifier (`fc`, 1008 logits) is left out: FID needs only the pool3 features.
+`Mixed_5b.branch1x1.conv.weight`), so the weight converter is a rename plus a transpose.
+
+Three outputs serve the metrics of guided-diffusion's evaluator (Dhariwal & Nichol 2021, ADM),
+all from one forward pass (`make_features_fn`):
+
+* "pool": the 2048 pool3 features (TF `pool_3:0`): FID, precision and recall.
+* "logits": the 1008 logits as ADM's evaluator takes them for the Inception Score: pool3 times
+  the kernel of TF's `softmax/logits/MatMul` (`softmax/weights`), WITHOUT the bias
+  `softmax/biases`. pytorch-fid's `fc` layer is that pair (`fc.weight` = `softmax/weights`
+  transposed, `fc.bias` = `softmax/biases`); the matmul is done outside the module, so the
+  network and its variables are those of FID alone.
+* "spatial": ADM's sFID features, TF's `mixed_6/conv:0` (the output, after batch norm and
+  ReLU, of the 1x1 branch of the seventh mixed block), first 7 channels, flattened in
+  (row, column, channel) order: 17x17x7 = 2023 values at 299x299. The TF graph names its
+  mixed blocks `mixed`, `mixed_1`, ..., `mixed_10`, which are torchvision's Mixed_5b, 5c, 5d,
+  6a, 6b, 6c, 6d, 6e, 7a, 7b, 7c in order, and a block's `conv` is its `branch1x1`:
+  `mixed_6/conv` is Mixed_6d.branch1x1 (pytorch-fid's weights map `mixed_6/conv/conv2d_params`
+  to `Mixed_6d.branch1x1.conv.weight`). Mixed_6d concatenates branch1x1 first, so its first 7
+  output channels are these.
 
 Inputs follow the project's convention, float images in [-1, 1]; they are resized bilinearly
 (half-pixel centres, no antialiasing: `F.interpolate(..., mode="bilinear",
@@ -33,6 +50,12 @@ from flax import traverse_util
 INCEPTION_SIZE = 299  # input side the weights were trained at.
 MIN_INPUT_SIZE = 75  # smallest side for which every VALID conv/pool still has an output.
 FEATURE_DIM = 2048
+LOGITS_DIM = 1008
+SPATIAL_BLOCK = "Mixed_6d"  # TF's `mixed_6`; its branch1x1 is `mixed_6/conv`.
+SPATIAL_CHANNELS = 7
+SPATIAL_SIZE = 17  # side of the Mixed_6* grid at 299x299.
+SPATIAL_DIM = SPATIAL_SIZE * SPATIAL_SIZE * SPATIAL_CHANNELS  # 2023
+FEATURE_OUTPUTS = ("pool", "logits", "spatial")
 BN_EPSILON = 1e-3
 
 Variables = Mapping[str, Any]  # {"params": ..., "batch_stats": ...}
@@ -230,14 +253,19 @@ class FIDInceptionV3(nn.Module):
     precision: Any = "highest"
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
-        """Computes pool3 features.
+    def __call__(
+        self, images: jax.Array, spatial: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Computes pool3 features (and, on request, the sFID spatial features).
 
         Args:
             images: float [B, H, W, 3] in [-1, 1].
+            spatial: also return ADM's spatial features (see the module docstring).
 
         Returns:
-            float32 [B, 2048] features.
+            float32 [B, 2048] features; with `spatial`, also float32 [B, 17, 17, 7] (at 299x299;
+            smaller without `resize_input` on small inputs): the first 7 channels of Mixed_6d,
+            which are its branch1x1's.
         """
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(
@@ -265,12 +293,14 @@ class FIDInceptionV3(nn.Module):
         x = InceptionB(precision=p, name="Mixed_6a")(x)
         x = InceptionC(128, precision=p, name="Mixed_6b")(x)
         x = InceptionC(160, precision=p, name="Mixed_6c")(x)
-        x = InceptionC(160, precision=p, name="Mixed_6d")(x)
+        x = InceptionC(160, precision=p, name=SPATIAL_BLOCK)(x)
+        mixed_6_conv = x[..., :SPATIAL_CHANNELS]  # branch1x1 is concatenated first
         x = InceptionC(192, precision=p, name="Mixed_6e")(x)
         x = InceptionD(precision=p, name="Mixed_7a")(x)
         x = InceptionE("avg", precision=p, name="Mixed_7b")(x)
         x = InceptionE("max", precision=p, name="Mixed_7c")(x)
-        return jnp.mean(x, axis=(1, 2))
+        pool = jnp.mean(x, axis=(1, 2))
+        return (pool, mixed_6_conv) if spatial else pool
 
 
 def variable_shapes() -> dict[str, tuple[int, ...]]:
@@ -331,3 +361,60 @@ def make_feature_fn(
     model = FIDInceptionV3(resize_input=resize_input)
     apply = jax.jit(model.apply)
     return lambda images: apply(variables, images)
+
+
+def make_features_fn(
+    variables: Variables,
+    logits_kernel: np.ndarray | jax.Array | None = None,
+    *,
+    outputs: tuple[str, ...] = FEATURE_OUTPUTS,
+    resize_input: bool = True,
+) -> Callable[[jax.Array], dict[str, jax.Array]]:
+    """Returns a jitted `features(images [B, H, W, 3] in [-1, 1]) -> {name: float32 [B, D]}`.
+
+    One forward pass gives every requested output (see the module docstring):
+    "pool" [B, 2048], "logits" [B, 1008] = pool @ logits_kernel (no bias, as ADM), and
+    "spatial" [B, 2023] (at 299x299), the Mixed_6d branch1x1 channels 0..6 flattened in
+    (row, column, channel) order as ADM flattens TF's NHWC tensor. Variables and kernel are
+    arguments of the jitted function, not constants, as in `make_feature_fn`.
+
+    Args:
+        variables: the network's {"params", "batch_stats"}.
+        logits_kernel: float32 [2048, 1008], needed for "logits" (`InceptionWeights.logits_kernel`;
+            `weights.require_logits_kernel` explains a file that lacks it).
+        outputs: which of "pool", "logits", "spatial" to return.
+        resize_input: as `FIDInceptionV3`.
+
+    Raises:
+        ValueError: an unknown or empty `outputs`, or "logits" without a kernel of the right
+            shape.
+    """
+    outputs = tuple(outputs)
+    unknown = [o for o in outputs if o not in FEATURE_OUTPUTS]
+    if unknown or not outputs:
+        raise ValueError(f"outputs must be a non-empty subset of {FEATURE_OUTPUTS}, got {outputs}.")
+    if "logits" in outputs:
+        if logits_kernel is None:
+            raise ValueError("the 'logits' output needs logits_kernel (pytorch-fid's fc weights).")
+        if tuple(np.shape(logits_kernel)) != (FEATURE_DIM, LOGITS_DIM):
+            shape = np.shape(logits_kernel)
+            raise ValueError(f"logits_kernel must be [{FEATURE_DIM}, {LOGITS_DIM}], got {shape}.")
+    else:
+        logits_kernel = None
+    model = FIDInceptionV3(resize_input=resize_input)
+    want_spatial = "spatial" in outputs
+
+    def forward(variables, kernel, images):
+        out = model.apply(variables, images, spatial=want_spatial)
+        pool, spatial = out if want_spatial else (out, None)
+        result = {}
+        if "pool" in outputs:
+            result["pool"] = pool
+        if kernel is not None:
+            result["logits"] = jnp.dot(pool, kernel, precision=jax.lax.Precision.HIGHEST)
+        if want_spatial:
+            result["spatial"] = spatial.reshape(spatial.shape[0], -1)
+        return result
+
+    apply = jax.jit(forward)
+    return lambda images: apply(variables, logits_kernel, images)

@@ -17,21 +17,20 @@ It prints the path and full SHA-256 of the `.npz` it wrote, e.g.
 (sorted keys, fixed zip timestamps), so the same `.pth` gives byte-identical `.npz` files
 (for a given numpy `.npy` format version).
 
-Integrity policy (`verify_sha256`), applied to every file before it is read:
-* `config.eval.inception_sha256` set: the file's SHA-256 must equal it (full 64 hex digits).
-* otherwise, a file named `<stem>-<hex>.<ext>` (the torch.hub convention that pytorch-fid's
-  file follows: `6726825d` is the first 8 hex digits of its SHA-256) must have a digest that
-  starts with `<hex>`. Eight hex digits are 32 bits: enough to catch truncated or swapped
-  files, not a defence against a deliberately forged one; set the full digest for that.
-* neither: the file is refused.
+Every file is checked before it is read (`fid.download.verify_sha256`: a full SHA-256, or
+the hash prefix in its name). Nothing is unpickled: `.npz` files are read with
+`allow_pickle=False`, and their keys and shapes are checked against the network before use.
 
-Nothing is unpickled: `.npz` files are read with `allow_pickle=False`, and their keys and shapes
-are checked against the network before use.
+The converted file also keeps pytorch-fid's logits layer (`fc/kernel` [2048, 1008], `fc/bias`
+[1008]), which the Inception Score needs. Files converted before it was kept still load and
+serve FID (and sFID, precision, recall); they only lack `InceptionWeights.logits_kernel`, and
+`require_logits_kernel` refuses them in one line. The weights' fingerprint covers the network
+alone, so cached reference statistics of the pool features keep their names whether or not a
+file holds the logits layer.
 """
 
 import hashlib
 import os
-import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -43,21 +42,27 @@ from typing import Any, NamedTuple
 import numpy as np
 from flax import traverse_util
 
-from ddpm_jax.errors import DataError, DataNotFoundError, DependencyError
+from ddpm_jax.errors import DataError, DependencyError
 from ddpm_jax.fid import inception
+from ddpm_jax.fid.download import (
+    default_cache_dir,
+    fetch,
+    hash_prefix_from_name,
+    verify_sha256,
+)
 from ddpm_jax.files import atomic_path, sha256_file
 
-PYTORCH_FID_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth"
-)
-# Keys of the PyTorch checkpoint that the feature extractor does not use: the 1008-way logits
-# layer, and BatchNorm's step counters (present in checkpoints saved by newer PyTorch).
+# BatchNorm's step counters (present in checkpoints saved by newer PyTorch) are not weights.
 _IGNORED_TORCH_SUFFIXES = (".num_batches_tracked",)
-_IGNORED_TORCH_KEYS = frozenset({"fc.weight", "fc.bias"})
-_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 1 << 20
+# The logits layer, kept beside the network's variables (not in them: the fingerprint and the
+# network stay those of FID). torch `fc.weight` [1008, 2048] is stored transposed.
+LOGITS_KERNEL = "fc/kernel"
+LOGITS_BIAS = "fc/bias"
+LOGITS_SHAPES = {
+    LOGITS_KERNEL: (inception.FEATURE_DIM, inception.LOGITS_DIM),
+    LOGITS_BIAS: (inception.LOGITS_DIM,),
+}
+_TORCH_LOGITS = {"fc.weight": LOGITS_KERNEL, "fc.bias": LOGITS_BIAS}
 
 
 class InceptionWeights(NamedTuple):
@@ -66,132 +71,34 @@ class InceptionWeights(NamedTuple):
     Attributes:
         variables: {"params": ..., "batch_stats": ...} float32 numpy arrays for
             `FIDInceptionV3.apply`.
-        fingerprint: SHA-256 hex of the variables' contents (names, shapes, values):
-            the key under which reference statistics are cached.
+        fingerprint: SHA-256 hex of the variables' contents (names, shapes, values; not the
+            logits layer): the key under which reference statistics are cached.
         path: the verified `.npz` file they came from.
+        logits_kernel: float32 [2048, 1008], the kernel of the logits layer (TF's
+            `softmax/weights`), or None for a file converted without it.
     """
 
     variables: dict[str, Any]
     fingerprint: str
     path: Path
+    logits_kernel: np.ndarray | None = None
 
 
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/ddpm_jax/fid`, or `~/.cache/ddpm_jax/fid`."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return Path(base).expanduser() / "ddpm_jax" / "fid"
-
-
-# --------------------------------------------------------------------------- integrity
-
-
-def hash_prefix_from_name(name: str) -> str | None:
-    """The SHA-256 prefix in a torch.hub-style name `<stem>-<hex>.<ext>`, or None."""
-    match = _HASH_IN_NAME.search(os.path.basename(name))
-    return match.group(1) if match else None
-
-
-def _check_sha256_arg(sha256: str | None) -> str | None:
-    if sha256 is None or sha256 == "":
-        return None
-    sha256 = sha256.strip().lower()
-    if not _SHA256_HEX.match(sha256):
-        raise DataError(
-            f"config.eval.inception_sha256 must be 64 hex digits (the output of `sha256sum "
-            f"FILE`), got {sha256!r}."
-        )
-    return sha256
-
-
-def verify_sha256(
-    path: str | os.PathLike, sha256: str | None = None, name: str | None = None
-) -> str:
-    """Checks a file against a full SHA-256, or else the hash prefix in its name.
-
-    Args:
-        path: the file to check.
-        sha256: expected full digest (64 hex digits), or None.
-        name: the name whose `-<hex>.` prefix applies when `sha256` is None (default: the
-            basename of `path`; a download passes the URL's file name).
-
-    Returns:
-        A one-line description of what was verified.
+def require_logits_kernel(weights: InceptionWeights) -> np.ndarray:
+    """The logits kernel of `weights`, or a one-line DataError saying how to get it.
 
     Raises:
-        ValueError: on a mismatch, a malformed `sha256`, or when there is nothing to verify
-            against.
+        DataError (a ValueError): the weights file predates the logits layer (converted
+            without `fc`).
     """
-    expected = _check_sha256_arg(sha256)
-    name = os.path.basename(name if name is not None else os.fspath(path))
-    actual = sha256_file(path)
-    if expected is not None:
-        if actual != expected:
-            raise DataError(
-                f"SHA-256 mismatch for {path}: expected {expected}, got {actual}. The file is "
-                "corrupt or not the expected weights; delete it (or fix "
-                "config.eval.inception_sha256)."
-            )
-        return f"SHA-256 {actual} verified"
-    prefix = hash_prefix_from_name(name)
-    if prefix is None:
+    if weights.logits_kernel is None:
         raise DataError(
-            f"cannot verify {path}: set config.eval.inception_sha256 to its SHA-256 ({actual} "
-            "if you trust this copy), or name the file <stem>-<first 8+ hex of its SHA-256>.<ext>."
+            f"{weights.path} has no logits layer ({LOGITS_KERNEL}), which the Inception Score "
+            "needs: it was converted by an older ddpm_jax; convert pytorch-fid's weights again "
+            "(`ddpm-jax-fid convert --out_dir=DIR`) and point "
+            "config.eval.inception_weights and inception_sha256 at the new file."
         )
-    if not actual.startswith(prefix):
-        raise DataError(
-            f"SHA-256 mismatch for {path}: its name promises a digest starting {prefix}, got "
-            f"{actual}. The file is corrupt or tampered with; delete it."
-        )
-    return (
-        f"SHA-256 prefix {prefix} from the file name verified ({4 * len(prefix)} bits); set "
-        "config.eval.inception_sha256 for a full check"
-    )
-
-
-def fetch(
-    source: str, cache_dir: str | os.PathLike | None = None, sha256: str | None = None
-) -> Path:
-    """Returns a verified local copy of `source` (a path, or an http(s)/file URL).
-
-    A URL is downloaded once into `cache_dir` (written to a temporary file, verified, then
-    renamed, so a partial or unverified download never sits under the final name); a cached
-    copy is re-verified on every call.
-
-    Raises:
-        DataNotFoundError (a FileNotFoundError): a local path that does not exist, or a
-            download that failed.
-        DataError (a ValueError): the file fails `verify_sha256`.
-    """
-    parsed = urllib.parse.urlparse(source)
-    if parsed.scheme in ("http", "https", "file"):
-        name = os.path.basename(urllib.parse.unquote(parsed.path))
-        if not name:
-            raise DataError(f"config.eval.inception_weights URL {source!r} names no file.")
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        target = cache / name
-        if not target.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with atomic_path(target) as tmp:
-                try:
-                    with open(tmp, "wb") as out, urllib.request.urlopen(source, timeout=60) as r:
-                        while chunk := r.read(_CHUNK):
-                            out.write(chunk)
-                except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                    reason = getattr(e, "reason", None) or e
-                    raise DataNotFoundError(
-                        f"could not download {source}: {reason}; fetch it where there is "
-                        "network and give its path"
-                    ) from e
-                verify_sha256(tmp, sha256, name=name)
-        else:
-            verify_sha256(target, sha256)
-        return target
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise DataNotFoundError(f"config.eval.inception_weights: no file at {path}.")
-    verify_sha256(path, sha256)
-    return path
+    return weights.logits_kernel
 
 
 # --------------------------------------------------------------------------- conversion
@@ -221,8 +128,10 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
     `Mixed_5b.branch1x1.conv.weight` becomes `params/Mixed_5b/branch1x1/conv/kernel`
     (transposed), `*.bn.weight/bias` become `params/*/bn/scale|bias`, and
-    `*.bn.running_mean/var` become `batch_stats/*/bn/mean|var`. The logits layer (`fc.*`)
-    and `*.num_batches_tracked` are dropped. The result is checked with `check_variables`.
+    `*.bn.running_mean/var` become `batch_stats/*/bn/mean|var`. The logits layer is kept:
+    `fc.weight` [1008, 2048] becomes `fc/kernel` [2048, 1008] (transposed) and `fc.bias`
+    `fc/bias`. `*.num_batches_tracked` are dropped. The result is checked with
+    `check_variables`.
 
     Args:
         state_dict: torch-style name -> array-like (numpy arrays, or CPU tensors via
@@ -238,7 +147,11 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     flat: dict[str, np.ndarray] = {}
     unknown, wrong = [], []
     for key, value in state_dict.items():
-        if key in _IGNORED_TORCH_KEYS or key.endswith(_IGNORED_TORCH_SUFFIXES):
+        if key.endswith(_IGNORED_TORCH_SUFFIXES):
+            continue
+        if key in _TORCH_LOGITS:
+            array = np.asarray(value, dtype=np.float32)
+            flat[_TORCH_LOGITS[key]] = np.ascontiguousarray(array.T if array.ndim == 2 else array)
             continue
         module, _, leaf = key.rpartition(".")
         module, _, layer = module.rpartition(".")
@@ -315,13 +228,17 @@ def save_variables_npz(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) 
 
 
 def check_variables(flat: Mapping[str, np.ndarray]) -> None:
-    """Checks flat variables against `inception.variable_shapes()`.
+    """Checks flat variables against `inception.variable_shapes()` and `LOGITS_SHAPES`.
+
+    Every network variable must be present; the logits layer's `fc/kernel` and `fc/bias` may
+    be (files converted before it was kept lack them), with their shapes.
 
     Raises:
         ValueError: naming every missing, unexpected and mis-shaped key.
     """
-    expected = inception.variable_shapes()
-    missing = sorted(set(expected) - set(flat))
+    required = inception.variable_shapes()
+    expected = {**required, **LOGITS_SHAPES}
+    missing = sorted(set(required) - set(flat))
     unexpected = sorted(set(flat) - set(expected))
     wrong = sorted(
         f"{k}: {tuple(np.shape(flat[k]))} (expected {expected[k]})"
@@ -343,7 +260,22 @@ def load_variables_npz(path: str | os.PathLike) -> dict[str, Any]:
     """Loads and checks variables written by `save_variables_npz` (never unpickles).
 
     Returns:
-        {"params": ..., "batch_stats": ...} of float32 numpy arrays.
+        {"params": ..., "batch_stats": ...} of float32 numpy arrays (the network; a logits
+        layer in the file is checked but not returned: see `load_weights_npz`).
+
+    Raises:
+        ValueError: missing, unexpected or mis-shaped keys (all named), or a non-float array.
+    """
+    return load_weights_npz(path)[0]
+
+
+def load_weights_npz(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Loads and checks a converted `.npz`: the network's variables and the logits layer.
+
+    Returns:
+        (variables, logits): variables as `load_variables_npz`; logits is
+        {"fc/kernel": float32 [2048, 1008], "fc/bias": float32 [1008]}, or {} for a file
+        converted without the logits layer.
 
     Raises:
         ValueError: missing, unexpected or mis-shaped keys (all named), or a non-float array.
@@ -355,7 +287,20 @@ def load_variables_npz(path: str | os.PathLike) -> dict[str, Any]:
         raise DataError(f"{path}: non-float arrays {_preview(bad_dtype)}.")
     check_variables(flat)
     flat = {k: v.astype(np.float32, copy=False) for k, v in flat.items()}
-    return traverse_util.unflatten_dict(flat, sep="/")
+    logits = {k: flat.pop(k) for k in LOGITS_SHAPES if k in flat}
+    return traverse_util.unflatten_dict(flat, sep="/"), logits
+
+
+def has_logits_layer(path: str | os.PathLike) -> bool:
+    """Whether a converted `.npz` holds the logits kernel (reads the zip directory only).
+
+    False also for a file that is not a zip archive; loading it then fails on its own terms.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return f"{LOGITS_KERNEL}.npy" in zf.namelist()
+    except zipfile.BadZipFile:
+        return False
 
 
 def variables_fingerprint(variables: Mapping[str, Any]) -> str:
@@ -379,7 +324,8 @@ def load_inception_weights(
     """Fetches, verifies and loads FID Inception weights from a `.npz` or `.pth` path/URL.
 
     A `.pth` is converted once (needs torch) into `cache_dir`, under a name carrying its own
-    hash prefix; later calls reuse the converted file.
+    hash prefix; later calls reuse the converted file. A cached conversion that predates the
+    logits layer is converted again when torch is present, and used as it is otherwise.
 
     Raises:
         FileNotFoundError, OSError, urllib.error.URLError: the weights cannot be obtained.
@@ -391,8 +337,14 @@ def load_inception_weights(
     if path.suffix == ".pth":
         source_tag = hash_prefix_from_name(path.name) or sha256_file(path)[:8]
         converted = sorted(cache.glob(f"fid_inception_v3_from_{source_tag}-*.npz"))
-        if converted:
-            path = converted[-1]
+        with_logits = [p for p in converted if has_logits_layer(p)]
+        if with_logits:
+            path = with_logits[-1]
+        elif converted:
+            try:
+                path = convert_torch_checkpoint(path, cache)
+            except ImportError:  # no torch here: the older file still serves FID.
+                path = converted[-1]
         else:
             path = convert_torch_checkpoint(path, cache)
         verify_sha256(path)
@@ -401,8 +353,10 @@ def load_inception_weights(
             f"config.eval.inception_weights must name a .npz (converted) or .pth file, got "
             f"{path.name!r}."
         )
-    variables = load_variables_npz(path)
-    return InceptionWeights(variables, variables_fingerprint(variables), path)
+    variables, logits = load_weights_npz(path)
+    return InceptionWeights(
+        variables, variables_fingerprint(variables), path, logits.get(LOGITS_KERNEL)
+    )
 
 
 def try_load_inception_weights(
