@@ -3,7 +3,9 @@
 The mathematics lives in the top-level modules, which import nothing else from the package:
 `schedules` (β schedules -> `Schedule` pytree), `diffusion` (forward process, posterior,
 parameterizations, reverse step, weighted ELBO), `likelihood` (the bound in bits/dim),
-`timesteps` (which steps a chain visits) and `sampling` (reverse chains under `lax.scan`).
+`timesteps` (which steps a chain visits) and `sampling` (reverse chains under `lax.scan`);
+`edm` is Karras et al.'s formulation (preconditioned denoiser, its loss, Heun/Euler on Karras
+σ's) and `edm_discrete` runs those samplers on DDPM-trained models.
 The folders hold the machinery: `models`, `data`, `runtime`, `experiment`, and the three
 modes `train`, `inference` and `evaluation`.
 
@@ -11,7 +13,7 @@ modes `train`, `inference` and `evaluation`.
 imported on first use, so `import ddpm_jax` stays the mathematics alone.
 """
 
-from ddpm_jax import diffusion, likelihood, sampling, schedules, timesteps
+from ddpm_jax import diffusion, edm, edm_discrete, likelihood, sampling, schedules, timesteps
 from ddpm_jax.diffusion import (
     p_mean_variance,
     q_posterior_mean_variance,
@@ -27,6 +29,8 @@ __all__ = [
     "Schedule",
     "bits_per_dim",
     "diffusion",
+    "edm",
+    "edm_discrete",
     "get_beta_schedule",
     "likelihood",
     "load_sampler",
