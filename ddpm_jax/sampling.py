@@ -91,6 +91,23 @@ def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> None:
         raise ValueError(f"Unknown {name} {value!r}; expected one of {allowed}.")
 
 
+def _check_x0_defined(sched: schedules.Schedule, ts: np.ndarray, parameterization: str) -> None:
+    """Refuses an ε-prediction model at a timestep with ᾱ = 0 (zero terminal SNR, t = T - 1).
+
+    There x_t = ε exactly, so ε̂ says nothing of x_0 (x̂_0 = (x_t - ε̂)/0). A traced schedule
+    is not checked.
+    """
+    if parameterization != "eps" or isinstance(sched.alphas_cumprod, jax.core.Tracer):
+        return
+    t = int(ts[-1])
+    if np.asarray(sched.alphas_cumprod)[t] == 0.0:  # numpy: no tracer inside a jit
+        raise ValueError(
+            f"parameterization='eps' cannot predict x_0 at timestep t = {t} (the paper's step "
+            f"{t + 1} = T), where ᾱ = 0 (zero terminal SNR): x_t is pure noise there. Use an "
+            "'x0' or 'v' model, or timesteps that stop below T - 1."
+        )
+
+
 # --------------------------------------------------------------------------- one reverse step
 
 
@@ -311,6 +328,7 @@ def reverse_chain(
     if not isinstance(every, int | np.integer) or isinstance(every, bool) or every < 0:
         raise ValueError(f"return_trajectory_every must be an int >= 0, got {every!r}.")
     sub, ts = resolve_steps(sched, num_steps, timesteps, timestep_spacing)
+    _check_x0_defined(sched, ts, parameterization)
     return ReverseChain(
         model_fn=model_fn,
         sub=sub,
@@ -463,6 +481,7 @@ def ddim_invert(
     if x0.ndim < 1:
         raise ValueError(f"x0 must have a batch dimension [B, ...], got shape {x0.shape}.")
     sub, ts = resolve_steps(sched, num_steps, timesteps)
+    _check_x0_defined(sched, ts, parameterization)
     x0 = jnp.asarray(x0, jnp.float32)
 
     def body(x, it):
