@@ -7,13 +7,25 @@ posterior, parameterizations, reverse step), `likelihood` (the bound in bits/dim
 `solvers` (multistep ODE solvers), `sampling` (reverse chains under `lax.scan`) and
 `inversion` (DDIM inversion). The folders hold the machinery: `models`, `data`, `fid`,
 `runtime`, `experiment`, and the three modes `inference`, `evaluation` and `train`.
+`edm` is Karras et al.'s formulation beside DDPM's (the preconditioned denoiser, its loss,
+Heun/Euler on Karras σ's) and `edm_discrete` runs those samplers on DDPM-trained models.
 
 The names below are the stable paths of the public API. `ddpm_jax.load_sampler(workdir)`
 loads a trained (or imported) workdir for sampling; it is imported on first use, so that
 `import ddpm_jax` stays the mathematics alone.
 """
 
-from ddpm_jax import diffusion, inversion, likelihood, losses, sampling, schedules, timesteps
+from ddpm_jax import (
+    diffusion,
+    edm,
+    edm_discrete,
+    inversion,
+    likelihood,
+    losses,
+    sampling,
+    schedules,
+    timesteps,
+)
 from ddpm_jax.diffusion import p_mean_variance, q_posterior_mean_variance, q_sample
 from ddpm_jax.likelihood import bits_per_dim
 from ddpm_jax.losses import training_losses
@@ -25,6 +37,8 @@ __all__ = [
     "TrainedModel",
     "bits_per_dim",
     "diffusion",
+    "edm",
+    "edm_discrete",
     "get_beta_schedule",
     "inversion",
     "likelihood",

@@ -58,6 +58,24 @@ def check_batch_timesteps(
     return t
 
 
+def check_x0_defined(sched: Schedule, ts: np.ndarray, parameterization: str) -> None:
+    """Refuses an ε-prediction model at a timestep with ᾱ = 0 (zero terminal SNR, t = T - 1).
+
+    There x_t = ε exactly, so ε̂ says nothing of x_0 (x̂_0 = (x_t - ε̂)/0). `ts`: the timesteps
+    a chain or an evaluation visits (increasing: the last is checked). A traced schedule is
+    not checked.
+    """
+    if parameterization != "eps" or isinstance(sched.alphas_cumprod, jax.core.Tracer):
+        return
+    t = int(np.asarray(ts)[-1])
+    if np.asarray(sched.alphas_cumprod)[t] == 0.0:  # numpy: no tracer inside a jit
+        raise ValueError(
+            f"parameterization='eps' cannot predict x_0 at timestep t = {t} (the paper's step "
+            f"{t + 1} = T), where ᾱ = 0 (zero terminal SNR): x_t is pure noise there. Use an "
+            "'x0' or 'v' model, or timesteps that stop below T - 1."
+        )
+
+
 def _extract(coef: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
     """coef[t] reshaped to [B, 1, ..., 1] so that it broadcasts against x of shape [B, ...]."""
     return coef[t].reshape((x.shape[0],) + (1,) * (x.ndim - 1)).astype(x.dtype)

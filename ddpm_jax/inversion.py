@@ -68,6 +68,7 @@ def ddim_invert(
     if x0.ndim < 1:
         raise ValueError(f"x0 must have a batch dimension [B, ...], got shape {x0.shape}.")
     sub, ts = resolve_steps(sched, num_steps, timesteps)
+    diffusion.check_x0_defined(sched, ts, parameterization)
     x0 = jnp.asarray(x0, jnp.float32)
 
     def body(x, it):

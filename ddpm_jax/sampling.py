@@ -301,6 +301,7 @@ def reverse_chain(
     if not isinstance(every, int | np.integer) or isinstance(every, bool) or every < 0:
         raise ValueError(f"return_trajectory_every must be an int >= 0, got {every!r}.")
     sub, ts = resolve_steps(sched, num_steps, timesteps, timestep_spacing)
+    diffusion.check_x0_defined(sched, ts, parameterization)
     return ReverseChain(
         model_fn=model_fn,
         sub=sub,

@@ -79,9 +79,38 @@ def get_beta_schedule(
     return betas
 
 
-def _check_betas(betas: np.ndarray, what: str = "betas") -> None:
+def rescale_zero_terminal_snr(betas: np.ndarray | jax.Array | list[float]) -> np.ndarray:
+    """β of the schedule rescaled to zero terminal SNR (Lin et al. 2024, Algorithm 1).
+
+    sqrt(ᾱ_t) is shifted so that its last value is 0 and scaled so that its first is unchanged:
+    sqrt(ᾱ'_t) = (sqrt(ᾱ_t) - sqrt(ᾱ_T)) sqrt(ᾱ_1)/(sqrt(ᾱ_1) - sqrt(ᾱ_T)); then
+    β'_t = 1 - ᾱ'_t/ᾱ'_{t-1}. So β'_1 = β_1, ᾱ'_T = 0 and β'_T = 1: x_T is pure noise, as at
+    inference. Equal to diffusers' `rescale_zero_terminal_snr` (in float64). `make_schedule`
+    accepts the β_T = 1; an ε-prediction model cannot predict x_0 at t = T - 1, and the
+    samplers refuse it there.
+
+    Args:
+      betas: β_1..β_T, shape [T] with T >= 2, each in (0, 1).
+
+    Returns:
+      float64 numpy array [T], every β in (0, 1) but the last, which is 1.
+    """
+    b = np.asarray(betas, dtype=np.float64)
+    _check_betas(b)
+    if b.shape[0] < 2:
+        raise ValueError("rescale_zero_terminal_snr needs T >= 2 steps.")
+    sqrt_ac = np.sqrt(np.cumprod(1.0 - b))
+    first, last = sqrt_ac[0], sqrt_ac[-1]
+    sqrt_ac = (sqrt_ac - last) * (first / (first - last))
+    ac = sqrt_ac**2
+    return 1.0 - np.append(ac[0], ac[1:] / ac[:-1])
+
+
+def _check_betas(betas: np.ndarray, what: str = "betas", terminal_one: bool = False) -> None:
     if betas.ndim != 1 or betas.shape[0] < 1:
         raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}.")
+    if terminal_one and betas.shape[0] > 1 and betas[-1] == 1.0:
+        betas = betas[:-1]  # zero terminal SNR (`rescale_zero_terminal_snr`): β_T = 1 only.
     if not np.all(np.isfinite(betas)) or np.any(betas <= 0.0) or np.any(betas >= 1.0):
         bad = betas[~((betas > 0.0) & (betas < 1.0))]
         raise ValueError(
@@ -141,22 +170,28 @@ def make_schedule(betas: np.ndarray | jax.Array | list[float]) -> Schedule:
 
     Args:
       betas: β_1..β_T, shape [T], each in (0, 1); any float dtype (promoted to float64 here).
+        The last may be 1 when T >= 2 (zero terminal SNR, `rescale_zero_terminal_snr`): then
+        ᾱ_T = 0, and `sqrt_recip_alphas_cumprod` and `sqrt_recipm1_alphas_cumprod` are +inf at
+        t = T - 1, where only an x_0- or v-prediction defines x̂_0.
 
     Returns:
       A `Schedule` of float32 arrays of shape [T], computed in float64.
 
     Raises:
-      ValueError: if `betas` is not a non-empty 1-D array with every value in (0, 1).
+      ValueError: if `betas` is not a non-empty 1-D array with every value in (0, 1) (but a
+        last β of 1).
     """
     if isinstance(betas, jax.core.Tracer):
         raise ValueError("make_schedule needs concrete betas; build the Schedule outside jit.")
     b = np.asarray(betas, dtype=np.float64)
-    _check_betas(b)
+    _check_betas(b, terminal_one=True)
     alphas = 1.0 - b
     ac = np.cumprod(alphas)
     ac_prev = np.append(1.0, ac[:-1])
     posterior_variance = b * (1.0 - ac_prev) / (1.0 - ac)
     first_log_var = posterior_variance[1] if b.shape[0] > 1 else b[0]
+    with np.errstate(divide="ignore"):  # 1/ᾱ_T = inf under zero terminal SNR
+        recip = 1.0 / ac
     coefs = dict(
         betas=b,
         alphas=alphas,
@@ -165,8 +200,8 @@ def make_schedule(betas: np.ndarray | jax.Array | list[float]) -> Schedule:
         sqrt_alphas_cumprod=np.sqrt(ac),
         sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
         log_one_minus_alphas_cumprod=np.log(1.0 - ac),
-        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
+        sqrt_recip_alphas_cumprod=np.sqrt(recip),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(recip - 1.0),
         posterior_variance=posterior_variance,
         posterior_log_variance_clipped=np.log(np.append(first_log_var, posterior_variance[1:])),
         posterior_mean_coef1=b * np.sqrt(ac_prev) / (1.0 - ac),

@@ -61,12 +61,15 @@ def alpha_sigma_lambda(sub: Schedule, i: jax.Array) -> tuple[jax.Array, jax.Arra
     """(α, σ, λ) at respaced index i; index -1 is the clean image (α 1, σ 0, λ +inf).
 
     Indices past the end are clamped (they only ever feed updates that are not selected).
+    At ᾱ = 0 (zero terminal SNR) λ is log(float32 tiny) - 0 ≈ -87.3 instead of -inf, so that
+    the multistep weights of the later steps stay finite; α stays 0 in the updates.
     """
     K = sub.num_timesteps
     j = jnp.clip(i, 0, K - 1)
     alpha = jnp.where(i < 0, 1.0, sub.sqrt_alphas_cumprod[j])
     sigma = jnp.where(i < 0, 0.0, sub.sqrt_one_minus_alphas_cumprod[j])
-    return alpha, sigma, jnp.log(alpha) - jnp.log(sigma)  # λ = +inf at the clean image.
+    lam = jnp.log(jnp.maximum(alpha, jnp.finfo(jnp.float32).tiny)) - jnp.log(sigma)
+    return alpha, sigma, lam  # λ = +inf at the clean image.
 
 
 def effective_order(order: int, k: jax.Array, num_steps: int, *, sampler: str) -> jax.Array:

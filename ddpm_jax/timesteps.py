@@ -42,7 +42,8 @@ def spaced_timesteps(
       `timesteps=` away.)
     - "logsnr": K timesteps evenly spaced in λ = log(α/σ) = log SNR / 2 from T-1 to 0, each
       the nearest integer timestep (a repeat moves to the next free timestep; Lu et al.'s
-      recommended spacing for their solver): the
+      recommended spacing for their solver; under zero terminal SNR, λ_{T-1} = -inf, the
+      others are spaced from λ_{T-2}): the
       steps of an ODE solver are then of equal size in its own time variable, where the
       timestep spacings above make the last steps before t = 0 huge in λ. Needs
       `alphas_cumprod`.
@@ -88,9 +89,13 @@ def spaced_timesteps(
         if alphas_cumprod is None:
             raise ValueError('timestep spacing "logsnr" needs the schedule\'s alphas_cumprod.')
         ac = np.asarray(alphas_cumprod, np.float64)
-        lam = 0.5 * (np.log(ac) - np.log1p(-ac))  # decreasing in t
-        targets = np.linspace(lam[-1], lam[0], K) if K > 1 else lam[-1:]
+        with np.errstate(divide="ignore"):
+            lam = 0.5 * (np.log(ac) - np.log1p(-ac))  # decreasing in t
+        # Zero terminal SNR: λ_{T-1} = -inf; space from the last finite λ, start at T - 1.
+        top = lam[-1] if np.isfinite(lam[-1]) or T == 1 else lam[-2]
+        targets = np.linspace(top, lam[0], K) if K > 1 else np.array([top])
         ts = np.sort([int(np.argmin(np.abs(lam - v))) for v in targets]).astype(np.int64)
+        ts[-1] = T - 1
         # Near t = 0 one integer step spans more λ than a step of the spacing: keep the K
         # timesteps distinct by moving a repeated one to the next free timestep.
         for j in range(1, K):

@@ -186,6 +186,40 @@ def test_sampler_accuracy_oracles_and_tables(monkeypatch):
     assert "dpm_solver++ 2" in table and "sliced W1" in table
 
 
+def test_sampler_accuracy_at_equal_network_evaluations(monkeypatch):
+    """(d): the oracle stays exact at fractional timesteps, and a cut run gives its table."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ddpm_jax import edm_discrete, schedules
+    from ddpm_jax.bench import sampler_accuracy as sa
+
+    sched = schedules.make_schedule(schedules.get_beta_schedule("linear", 1000))
+    one = sa.Mixture(np.array([1.0]), np.full((1, 3), 0.3), np.array([0.5])).denoiser(sched)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 3))
+    t = jnp.array([0, 10, 999])
+    np.testing.assert_allclose(one(x, t.astype(jnp.float32)), one(x, t), rtol=1e-5, atol=1e-6)
+    # At a fractional t the model is the exact denoiser at the σ that t stands for.
+    sigma = jnp.array([0.05, 1.7, 60.0])
+    denoise = edm_discrete.denoiser(one, sched, parameterization="x0")
+    want = 0.3 + (0.25 / (0.25 + sigma**2))[:, None] * (x - 0.3)
+    np.testing.assert_allclose(denoise(x, sigma), want, rtol=1e-5, atol=1e-6)
+
+    monkeypatch.setattr(sa, "EVALUATIONS", (9,))
+    monkeypatch.setattr(sa, "EQUAL_COST_SAMPLERS", sa.EQUAL_COST_SAMPLERS[:3])
+    eq = sa.equal_cost_errors(sched, n=16)
+    assert set(eq["discrete"]) == {"euler", "heun", "dpm_solver++ 2"}
+    assert eq["discrete"]["dpm_solver++ 2"]["9"] < eq["discrete"]["euler"]["9"]
+    assert set(eq["edm"]) == {"euler", "heun"}
+    mixture = {"spacing": "logsnr", "num_samples": 0, "noise_floor_sw": 0.0, "samplers": {},
+               "data_noise_floor_sw": 0.0, "reference_sw_to_data": 0.0}  # fmt: skip
+    cost = {"forward_s": 0.1, "samplers": {}}
+    results = {"gaussian": {}, "mixture": mixture, "step_cost": cost, "equal_cost": eq}
+    table = sa.format_table(results)
+    assert "(d) Gaussian data" in table and "EDM formulation" in table
+
+
 def test_the_command_needs_a_config_only_for_the_model_parts():
     import subprocess
     import sys

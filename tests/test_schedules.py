@@ -94,7 +94,8 @@ def test_respaced_betas_keep_alphas_cumprod():
         (lambda: schedules.get_beta_schedule("cosinus", 10), "schedule name 'cosinus'"),
         (lambda: schedules.get_beta_schedule("linear", 0), "num_timesteps"),
         (lambda: schedules.get_beta_schedule("linear", 10, beta_end=1.5), r"\(0, 1\)"),
-        (lambda: schedules.make_schedule([0.1, 1.0]), r"betas must all lie in .*\(0, 1\)"),
+        # β = 1 only at the last step (zero terminal SNR; tests/test_zero_snr.py).
+        (lambda: schedules.make_schedule([1.0, 0.1]), r"betas must all lie in .*\(0, 1\)"),
         (lambda: schedules.make_schedule([0.0, 0.1]), r"betas must all lie in .*\(0, 1\)"),
         (lambda: schedules.make_schedule(np.zeros((2, 2)) + 0.1), "1-D"),
         (lambda: schedules.respace_betas(np.ones(5) * 0.5, np.array([3, 2])), "increasing"),

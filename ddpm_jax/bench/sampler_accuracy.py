@@ -12,8 +12,13 @@
     independent reference draws of the same size is the noise floor.
 (c) The cost of a step of each sampler against one forward pass of the config's U-Net, at the
     benchmark's batch (the solvers' extra arithmetic is elementwise; a step is one call).
+(d) The Gaussian of (a) at equal numbers of network evaluations E: Euler and Heun on Karras σ's
+    (`edm_discrete`, diffusers' discrete schedulers; Heun's N steps cost 2N - 1), DPM-Solver++
+    and UniPC (E steps) on the same model from the same x_T; and EDM's own sampler on the same
+    data in its formulation (σ from 80 to 0.002), against the closed form
+    x(0) = m + s (x(σ_max) - m)/√(s² + σ_max²).
 
-Schedules: T = 1000, Ho et al.'s linear betas, for (a) and (b).
+Schedules: T = 1000, Ho et al.'s linear betas, for (a), (b) and (d).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import sampling, schedules
+from ddpm_jax import edm, edm_discrete, sampling, schedules
 
 T = 1000
 STEPS = (5, 10, 20, 50, 100)
@@ -42,6 +47,17 @@ SAMPLERS = (
     ("unipc 3", "unipc", 3),
 )
 SPACINGS = ("logsnr", "linspace", "trailing", "even")
+# (d): network evaluations, odd so that Heun's 2N - 1 meets each (N = 3, 5, 10, 20, 50).
+EVALUATIONS = (5, 9, 19, 39, 99)
+# (label, sampler, order) of (d): "euler"/"heun" run on Karras σ's, the others on "logsnr".
+EQUAL_COST_SAMPLERS = (
+    ("euler", "euler", 1),
+    ("heun", "heun", 2),
+    ("dpm_solver++ 2", "dpm_solver++", 2),
+    ("dpm_solver++ 3", "dpm_solver++", 3),
+    ("unipc 2", "unipc", 2),
+    ("unipc 3", "unipc", 3),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +69,25 @@ class Mixture:
     stds: np.ndarray  # [M]
 
     def denoiser(self, sched: schedules.Schedule):
-        """The exact E[x_0 | x_t] as `model_fn(x_t, t)` (x_0-parameterization)."""
+        """The exact E[x_0 | x_t] as `model_fn(x_t, t)` (x_0-parameterization).
+
+        At a fractional t (the Karras samplers') ᾱ is that of σ interpolated in log σ between
+        the neighbouring timesteps, the inverse of `edm_discrete.sigma_to_t`, so that the
+        model stays exact at every σ those samplers ask for.
+        """
         w, mu, s2 = (jnp.asarray(a, jnp.float32) for a in (self.weights, self.means, self.stds**2))
+        log_sigmas = jnp.log(jnp.asarray(edm_discrete.model_sigmas(sched), jnp.float32))
+
+        def alphas_cumprod(t):
+            if jnp.issubdtype(t.dtype, jnp.integer):
+                return sched.alphas_cumprod[t]
+            lo = jnp.clip(jnp.floor(t), 0, log_sigmas.shape[0] - 2).astype(jnp.int32)
+            frac = t - lo
+            log_sigma = (1 - frac) * log_sigmas[lo] + frac * log_sigmas[lo + 1]
+            return jax.nn.sigmoid(-2.0 * log_sigma)  # 1/(1 + σ²)
 
         def model_fn(x, t):
-            a = sched.alphas_cumprod[t][:, None, None]  # [B, 1, 1]
+            a = alphas_cumprod(t)[:, None, None]  # [B, 1, 1]
             var = a * s2[None, :, None] + 1.0 - a  # [B, M, 1]: Var[x_t | k]
             d = x[:, None, :] - jnp.sqrt(a) * mu[None]  # [B, M, D]
             logp = jnp.log(w)[None] - 0.5 * jnp.sum(d**2 / var + jnp.log(var), axis=-1)
@@ -126,6 +156,63 @@ def gaussian_errors(sched, *, mean=0.3, std=0.5, dim=8, n=256) -> dict[str, Any]
                 row[str(K)] = float(np.sqrt(np.mean((x - exact) ** 2)) / std)
             out[spacing][label] = row
     return out
+
+
+def _steps_for(solver: str, evaluations: int) -> int:
+    """N steps of `solver` that cost `evaluations` network calls (Heun: 2N - 1)."""
+    return (evaluations + 1) // 2 if solver == "heun" else evaluations
+
+
+def _endpoint(denoise, x_T, sigmas, solver):
+    """EDM's sampler from x_T · σ_0 down `sigmas`, not clipped (Gaussian endpoints leave it)."""
+    run = jax.jit(lambda x: edm.integrate(denoise, x * sigmas[0], sigmas, solver=solver))
+    return np.asarray(run(x_T), np.float64)
+
+
+def equal_cost_errors(sched, *, mean=0.3, std=0.5, dim=8, n=256, spacing="logsnr"):
+    """(d): RMS distance to the exact ODE endpoint / std at equal network evaluations.
+
+    "discrete": the DDPM model of (a), every sampler from the same x_T, against (a)'s exact
+    endpoint (so the Karras samplers' start x_T σ_max, not x_T √(1 + σ_max²), counts too).
+    "edm": `edm.integrate` from x_T · 80 on EDM's grid (σ_min 0.002), exact denoiser of the
+    same data, against x(0) = m + s (80 x_T - m)/√(s² + 80²).
+    """
+    model = Mixture(np.array([1.0]), np.full((1, dim), mean), np.array([std])).denoiser(sched)
+    x_T = jax.random.normal(jax.random.PRNGKey(1), (n, dim))
+    a_T = float(sched.alphas_cumprod[-1])
+    exact = mean + std * (np.asarray(x_T) - np.sqrt(a_T) * mean) / np.sqrt(a_T * std**2 + 1 - a_T)
+
+    def rms(x, target):
+        return float(np.sqrt(np.mean((x - target) ** 2)) / std)
+
+    discrete = {}
+    denoise = edm_discrete.denoiser(model, sched, parameterization="x0")
+    for label, sampler, order in EQUAL_COST_SAMPLERS:
+        row = {}
+        for e in EVALUATIONS:
+            if sampler in edm.SOLVERS:  # diffusers' grid: rounded to float32
+                grid = edm_discrete.karras_grid(sched, _steps_for(sampler, e))
+                x = _endpoint(denoise, x_T, grid.astype(np.float32), sampler)
+            else:
+                x = _draw(model, sched, x_T.shape, jax.random.PRNGKey(0), sampler, order, e,
+                          spacing, x_T)  # fmt: skip
+            row[str(e)] = rms(x, exact)
+        discrete[label] = row
+
+    def gaussian(x, sigma):
+        return mean + (std**2 / (std**2 + sigma[:, None] ** 2)) * (x - mean)
+
+    sigma_max = 80.0
+    exact_edm = mean + std * (np.asarray(x_T) * sigma_max - mean) / np.sqrt(std**2 + sigma_max**2)
+    continuous = {}
+    for solver in edm.SOLVERS[::-1]:  # euler, heun
+        row = {}
+        for e in EVALUATIONS:
+            grid = edm.karras_sigmas(_steps_for(solver, e), 0.002, sigma_max)
+            row[str(e)] = rms(_endpoint(gaussian, x_T, grid, solver), exact_edm)
+        continuous[solver] = row
+    return {"evaluations": list(EVALUATIONS), "spacing": spacing, "discrete": discrete,
+            "edm": continuous}  # fmt: skip
 
 
 def mixture_errors(sched, *, n=4000, spacing="logsnr") -> dict[str, Any]:
@@ -201,10 +288,12 @@ def _timed(fn) -> float:
 
 
 def measure(config, batch_size: int, repeats: int = 3) -> dict[str, Any]:
-    """All three: {"gaussian": ..., "mixture": ..., "step_cost": ...}."""
+    """All four: {"gaussian": ..., "mixture": ..., "step_cost": ..., "equal_cost": ...}."""
     sched = schedules.make_schedule(schedules.get_beta_schedule("linear", T))
     logging.info("sampler accuracy: Gaussian oracle.")
     gaussian = gaussian_errors(sched)
+    logging.info("sampler accuracy: Gaussian oracle at equal network evaluations.")
+    equal_cost = equal_cost_errors(sched)
     logging.info("sampler accuracy: mixture of Gaussians.")
     mixture = mixture_errors(sched)
     logging.info("sampler accuracy: cost per step.")
@@ -212,6 +301,7 @@ def measure(config, batch_size: int, repeats: int = 3) -> dict[str, Any]:
         "gaussian": gaussian,
         "mixture": mixture,
         "step_cost": step_costs(config, batch_size, repeats),
+        "equal_cost": equal_cost,
     }
 
 
@@ -241,4 +331,21 @@ def format_table(results: dict[str, Any]) -> str:
     )
     for label, row in cost["samplers"].items():
         lines.append(f"    {label:16s}{row['step_over_forward']:8.3f}")
+    if "equal_cost" in results:
+        lines.extend(_equal_cost_lines(results["equal_cost"]))
     return "\n".join(lines)
+
+
+def _equal_cost_lines(eq: dict[str, Any]) -> list[str]:
+    evals = eq["evaluations"]
+    lines = [
+        f"(d) Gaussian data: RMS error to the exact ODE endpoint / data std at equal network "
+        f"evaluations E = {tuple(evals)} (Heun: N = (E + 1)/2 steps)",
+        f"  DDPM model (T = {T}): Euler/Heun on Karras σ's, the others on {eq['spacing']!r}",
+    ]
+    for label, row in eq["discrete"].items():
+        lines.append(f"    {label:16s}" + "".join(f"{row[str(e)]:10.2e}" for e in evals))
+    lines.append("  EDM formulation, σ from 80 to 0.002 (Karras σ's)")
+    for label, row in eq["edm"].items():
+        lines.append(f"    {label:16s}" + "".join(f"{row[str(e)]:10.2e}" for e in evals))
+    return lines
