@@ -18,7 +18,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax import models, schedules
+from ddpm_jax import edm, edm_discrete, models, schedules
 from ddpm_jax.experiment.config import ExperimentConfig, ReverseProcess
 from ddpm_jax.runtime import sharding as shd
 
@@ -95,3 +95,28 @@ class Experiment:
             return self.model.apply({"params": params}, x_t, t, y=y, **apply_kwargs)
 
         return model_fn
+
+    def denoiser(
+        self, params: PyTree, labels: jax.Array | None = None, **apply_kwargs
+    ) -> edm.DenoiseFn:
+        """The network as a denoiser `D(x; σ)` (x = x_0 + σ n, x float32 [B, ...], σ float32
+        [B]), for the samplers and the likelihood written in that convention (`ddpm_jax.edm`,
+        `likelihood.ode_log_likelihood`).
+
+        A DDPM network is queried in the x/√ᾱ scaling at the fractional timestep of σ
+        (`edm_discrete.denoiser`). Arguments as `model_fn`.
+        """
+        r = self.reverse
+        return edm_discrete.denoiser(
+            self.model_fn(params, labels, **apply_kwargs),
+            self.schedule,
+            parameterization=r.parameterization,
+            variance=r.variance,
+        )
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        """(σ_min, σ_max): the noise levels the network was trained between (DDPM: σ_t at
+        t = 0 and t = T - 1, as `edm_discrete.model_sigmas`)."""
+        sigmas = edm_discrete.model_sigmas(self.schedule)
+        return float(sigmas[0]), float(sigmas[-1])
