@@ -248,10 +248,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     info = sources.get_dataset_info(
         cfg.data, num_classes=cfg.model.num_classes, global_batch_size=cfg.training.batch_size
     )
-    setup = build(cfg, mesh)
     is_main = jax.process_index() == 0
+    # Locked before the network is traced, so that a second trainer stops in seconds.
     lock = wd.WorkdirLock(workdir).acquire() if is_main else None
     try:
+        setup = build(cfg, mesh)
         return _train(config, cfg, workdir, mesh, setup, info, is_main)
     finally:
         if lock is not None:
