@@ -25,6 +25,8 @@ from ddpm_jax.models import (
     count_params,
     create_model,
     forward_flops,
+    group_norm,
+    layers,
     timestep_embedding,
 )
 from ddpm_jax.models.attention import AttnBlock
@@ -156,6 +158,35 @@ def test_jit_and_eager_agree():
     np.testing.assert_allclose(jitted, eager, rtol=1e-4, atol=1e-4)
 
 
+def test_unet_gives_the_same_output_and_gradients_on_both_group_norm_paths(monkeypatch):
+    """The whole network with every GroupNorm forced to either formulation of its statistics
+    (the CPU's and the other backends'): same output and parameter gradients to float32
+    rounding."""
+    model = UNet(tiny_model_config(**MICRO, dropout=0.0))
+    x, t = tiny_inputs(model.config, batch=2)
+    variables = random_variables(model, x, t)
+    w = jax.random.normal(jax.random.key(7), x.shape)
+    results = {}
+    for stats in STATS:
+
+        def forced(*args, stats=stats, **kwargs):
+            return group_norm.group_norm(*args, **{**kwargs, "stats": stats})
+
+        monkeypatch.setattr(layers, "group_norm", forced)
+
+        def loss(v):
+            out = model.apply(v, x, t)
+            return jnp.sum(w * out), out
+
+        results[stats] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables)
+    (_, out_c), grads_c = results["per_channel"]
+    (_, out_g), grads_g = results["per_group"]
+    assert float(jnp.abs(out_c).mean()) > 1e-2  # a non-trivial comparison
+    np.testing.assert_allclose(out_c, out_g, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads_g), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
 def test_output_depends_on_timestep(tiny_setup):
     s = tiny_setup
     out = s.apply(s.params, s.x, s.t)
@@ -243,16 +274,24 @@ def test_timestep_embedding_formula():
     np.testing.assert_allclose(emb, ref, atol=2e-4)  # float32 phases of up to ~1000 rad
 
 
-@pytest.mark.parametrize("channels, groups", [(2, 1), (32, 16), (256, 32)])
-def test_group_norm_matches_flax_reference(channels, groups):
+# Both formulations of the statistics (models.group_norm), forced on this CPU; "auto" picks
+# "per_channel" here. Every GroupNorm test runs on both.
+STATS = ["per_channel", "per_group"]
+
+
+@pytest.mark.parametrize("stats", STATS)
+@pytest.mark.parametrize("channels, groups", [(2, 1), (32, 16), (96, 32), (256, 32)])
+def test_group_norm_matches_flax_reference(channels, groups, stats):
     """Against flax's GroupNorm with the documented min(32, C // 2) groups, on inputs whose
     mean is large next to their spread (the one-pass variance must still be accurate)."""
     x = 3.0 + 0.5 * jax.random.normal(jax.random.key(channels), (2, 4, 4, channels))
     variables = random_variables(GroupNorm(), x)
     ref = jax.jit(flax.linen.GroupNorm(num_groups=groups, epsilon=1e-6).apply)(variables, x)
-    ours = jax.jit(GroupNorm().apply)(variables, x)
+    ours = jax.jit(GroupNorm(stats=stats).apply)(variables, x)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
-    out16 = jax.eval_shape(GroupNorm(dtype=jnp.bfloat16).apply, variables, x.astype(jnp.bfloat16))
+    out16 = jax.eval_shape(
+        GroupNorm(dtype=jnp.bfloat16, stats=stats).apply, variables, x.astype(jnp.bfloat16)
+    )
     assert out16.dtype == jnp.bfloat16
 
 
@@ -267,13 +306,14 @@ def _group_norm_float64(x, scale, bias, groups, eps=1e-6):
     return y * np.asarray(scale, np.float64) + np.asarray(bias, np.float64)
 
 
+@pytest.mark.parametrize("stats", STATS)
 @pytest.mark.parametrize("offset, atol", [(0.0, 1e-5), (1e3, 2e-3), (1e4, 2e-2)])
-def test_group_norm_far_from_zero_matches_float64(offset, atol):
+def test_group_norm_far_from_zero_matches_float64(offset, atol, stats):
     """Activations whose mean dwarfs their spread (offset/std up to 1e4): a plain one-pass
     E[x²] - E[x]² loses every digit there (errors of order 1e3 at offset 1e4); the shifted
     statistics stay within float32's resolution of the inputs themselves (offset * 2^-24)."""
     x = offset + jax.random.normal(jax.random.key(1), (2, 8, 8, 64))
-    block = GroupNorm()
+    block = GroupNorm(stats=stats)
     variables = random_variables(block, x)
     ours = jax.jit(block.apply)(variables, x)
     p = variables["params"]
@@ -281,11 +321,12 @@ def test_group_norm_far_from_zero_matches_float64(offset, atol):
     np.testing.assert_allclose(ours, ref, atol=atol)
 
 
-def test_group_norm_bfloat16_input_matches_float64():
+@pytest.mark.parametrize("stats", STATS)
+def test_group_norm_bfloat16_input_matches_float64(stats):
     """bfloat16 activations with a large common offset: statistics in float32 from the
     bfloat16 values are exact to float32, so the only error is the bfloat16 output cast."""
     x = (300.0 + jax.random.normal(jax.random.key(2), (2, 8, 8, 64))).astype(jnp.bfloat16)
-    block = GroupNorm(dtype=jnp.bfloat16)
+    block = GroupNorm(dtype=jnp.bfloat16, stats=stats)
     variables = random_variables(block, x)
     ours = jax.jit(block.apply)(variables, x)
     assert ours.dtype == jnp.bfloat16
@@ -294,12 +335,13 @@ def test_group_norm_bfloat16_input_matches_float64():
     np.testing.assert_allclose(np.asarray(ours, np.float32), ref, atol=0.05, rtol=1e-2)
 
 
-def test_group_norm_gradient_matches_float64_difference():
+@pytest.mark.parametrize("stats", STATS)
+def test_group_norm_gradient_matches_float64_difference(stats):
     """The shift is held constant for the gradient; the gradient is still that of the
     exact normalization (checked against jax's own two-pass formula in float32 at a
     scale where both are accurate)."""
     x = 2.0 + jax.random.normal(jax.random.key(3), (2, 4, 4, 32))
-    block = GroupNorm()
+    block = GroupNorm(stats=stats)
     variables = random_variables(block, x)
     g = num_groups(32)
 
@@ -314,6 +356,52 @@ def test_group_norm_gradient_matches_float64_difference():
     ours = jax.grad(lambda x: jnp.sum(w * block.apply(variables, x)))(x)
     ref = jax.grad(lambda x: jnp.sum(w * two_pass(x)))(x)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
+def test_group_norm_silu_value_and_gradients_match_float64_on_every_path(offset):
+    """GroupNorm + fused SiLU on every path ("auto" included): the value of a weighted sum
+    and its gradients (input, scale, bias) against the float64 two-pass formula's, also far
+    from zero. Errors grow like offset · 2^-24 (float32's resolution of the mean); a plain
+    one-pass E[x²] - E[x]² would be off by O(1) at 1e4."""
+    x = offset + jax.random.normal(jax.random.key(5), (2, 4, 4, 96))
+    w = np.asarray(jax.random.normal(jax.random.key(6), x.shape), np.float64)
+    variables = random_variables(GroupNorm(), x)
+    g = num_groups(96)
+
+    with jax.enable_x64():
+
+        def oracle(x, v):
+            xg = x.reshape(2, -1, g, 96 // g)
+            mean = xg.mean(axis=(1, 3), keepdims=True)
+            var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
+            y = ((xg - mean) / jnp.sqrt(var + 1e-6)).reshape(x.shape)
+            y = y * v["params"]["scale"] + v["params"]["bias"]
+            return jnp.sum(w * y / (1 + jnp.exp(-y)))
+
+        x64, v64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), (x, variables))
+        ref = jax.value_and_grad(oracle, argnums=(0, 1))(x64, v64)
+        ref = jax.tree.map(np.asarray, ref)
+
+    rtol = 8 * offset * 2.0**-24 + 1e-5
+    for stats in ("auto", *STATS):
+        block = GroupNorm(activation="silu", stats=stats)
+
+        def f(x, v, block=block):
+            return jnp.sum(w.astype(np.float32) * block.apply(v, x))
+
+        ours = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, variables)
+        for o, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+            err = np.abs(np.asarray(o, np.float64) - r).max() / np.abs(r).max()
+            assert err < rtol, (stats, err, rtol)
+
+
+def test_group_norm_rejects_unknown_options():
+    x = jnp.ones((1, 2, 2, 4))
+    with pytest.raises(ValueError, match="stats"):
+        GroupNorm(stats="fast").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="activation"):
+        GroupNorm(activation="relu").init(jax.random.key(0), x)
 
 
 @pytest.mark.parametrize("num_heads", [1, 4])

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ddpm_jax.models.config import num_groups
+from ddpm_jax.models.group_norm import group_norm
 
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
@@ -54,17 +55,24 @@ class GroupNorm(nn.Module):
     keeps the one-pass variance accurate when |mean| >> std, where plain E[x²] - E[x]²
     cancels catastrophically (activations far from zero in float32 or bfloat16), at the
     speed of one pass. The result is a single per-(batch, channel) affine map x * a + b,
-    which XLA fuses with the surrounding elementwise ops.
+    which XLA fuses with the activation and the surrounding elementwise ops. See
+    `models.group_norm` for the two summation orders of the statistics (`stats`).
 
     Attributes:
       dtype: dtype of the output.
       epsilon: added to the variance (1e-6, TensorFlow's group_norm default used by Ho et al.).
       groups: number of groups; None: `num_groups(C)` (`ModelConfig.norm_groups`).
+      activation: None, or "silu" applied to the normalized output (in float32).
+      stats: "auto" (per channel first on CPUs, per group elsewhere), or "per_channel" /
+        "per_group" to force one formulation on any backend (e.g. to compare them). Both
+        give the same statistics to float32 rounding; parameters do not depend on it.
     """
 
     dtype: Any = jnp.float32
     epsilon: float = 1e-6
     groups: int | None = None
+    activation: str | None = None
+    stats: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -75,19 +83,16 @@ class GroupNorm(nn.Module):
             raise ValueError(f"GroupNorm: {c} channels are not divisible by {g} groups.")
         scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
-        xf = x.astype(jnp.float32)
-        xg = xf.reshape(x.shape[0], -1, g, c // g)
-        # Shift by a sample of each group; any constant gives the same exact statistics.
-        shift = jax.lax.stop_gradient(xg[:, :1, :, :1])  # [B, 1, G, 1]
-        d = xg - shift
-        m1 = jnp.mean(d, axis=(1, 3))  # [B, G]
-        var = jnp.maximum(jnp.mean(jnp.square(d), axis=(1, 3)) - jnp.square(m1), 0.0)
-        mean = m1 + shift[:, 0, :, 0]
-        inv = jax.lax.rsqrt(var + self.epsilon)
-        a = scale * jnp.repeat(inv, c // g, axis=-1)  # [B, C]
-        b = bias - jnp.repeat(mean, c // g, axis=-1) * a
-        bshape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
-        return (xf * a.reshape(bshape) + b.reshape(bshape)).astype(self.dtype)
+        y = group_norm(
+            x,
+            scale,
+            bias,
+            groups=g,
+            epsilon=self.epsilon,
+            activation=self.activation,
+            stats=self.stats,
+        )
+        return y.astype(self.dtype)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -160,7 +165,7 @@ class ResnetBlock(nn.Module):
 
         `train` enables dropout (then an rng stream named 'dropout' is needed).
         """
-        h = nn.silu(GroupNorm(dtype=self.dtype, groups=self.norm_groups, name="norm0")(x))
+        h = GroupNorm(self.dtype, groups=self.norm_groups, activation="silu", name="norm0")(x)
         if self.resample == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.resample == "down":
@@ -171,7 +176,7 @@ class ResnetBlock(nn.Module):
             )
         h = conv3x3(self.out_ch, dtype=self.dtype, name="conv0")(h)
         h = h + dense(self.out_ch, dtype=self.dtype, name="temb_proj")(nn.silu(temb))[:, None, None]
-        h = nn.silu(GroupNorm(dtype=self.dtype, groups=self.norm_groups, name="norm1")(h))
+        h = GroupNorm(self.dtype, groups=self.norm_groups, activation="silu", name="norm1")(h)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = conv3x3(self.out_ch, dtype=self.dtype, scale=0.0, name="conv1")(h)
         x = x.astype(self.dtype)

@@ -137,7 +137,7 @@ class UNet(nn.Module):
                     h = Upsample(cfg.conv_resample, dtype=dtype, name=f"up_{level}_upsample")(h)
         assert not hs, "every skip connection is consumed"
 
-        h = nn.silu(GroupNorm(dtype=dtype, groups=cfg.norm_groups, name="norm_out")(h))
+        h = GroupNorm(dtype, groups=cfg.norm_groups, activation="silu", name="norm_out")(h)
         h = conv3x3(cfg.output_channels, dtype=dtype, scale=0.0, name="conv_out")(h)
         return h.astype(jnp.float32)
 
