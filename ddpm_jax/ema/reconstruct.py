@@ -170,8 +170,8 @@ def plan(
     named_emas.check_name(out.name)
     if err > POOR_WEIGHT_ERROR:
         logging.warning(
-            "sigma_rel %g at step %d: the snapshots give its weights only to %.1f%% (the "
-            "profiles tracked are %s); the average is approximate.",
+            "sigma_rel %g at step %d: the snapshots make its weights only to a relative error "
+            "of %.1f%% (the profiles tracked are %s); the average is approximate.",
             sigma_rel, target, 100 * err, ", ".join(f"{t:g}" for t in tracked),
         )  # fmt: skip
     return out
