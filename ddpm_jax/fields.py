@@ -123,6 +123,49 @@ def int_tuple(path: str, value: Any, low: int | None = None, *, nonempty: bool =
     return tuple(int(v) for v in value)
 
 
+def number_tuple(
+    path: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    nonempty: bool = True,
+    hint: str = "",
+) -> tuple[float, ...]:
+    """`value` (a list or tuple of finite numbers, each within the bounds) as a tuple of floats."""
+    ok = isinstance(value, Sequence) and not isinstance(value, str)
+    ok = ok and (len(value) > 0 or not nonempty)
+    if ok:
+        try:
+            for v in value:
+                number(path, v, low, high, low_open=low_open, high_open=high_open)
+        except ConfigError:
+            ok = False
+    if not ok:
+        bounds = _bounds(low, high, low_open, high_open)
+        each = f", each {bounds}" if bounds else ""
+        empty = "a non-empty" if nonempty else "a"
+        raise fail(path, value, f"must be {empty} tuple of finite numbers{each}.{hint}")
+    return tuple(float(v) for v in value)
+
+
+# A name that is one file or directory name on any file system, and never hidden.
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
+
+
+def file_name(path: str, value: Any, *, none_ok: bool = False, hint: str = "") -> str | None:
+    """`value` if it can name one file or directory: letters, digits and `_ . + = -`, not
+    starting with a dot (or None if `none_ok`)."""
+    if value is None and none_ok:
+        return None
+    if not isinstance(value, str) or not _FILE_NAME.fullmatch(value):
+        what = "a name of letters, digits and _.+=- (not starting with . or -)"
+        raise fail(path, value, f"must be {what}{' or None' if none_ok else ''}.{hint}")
+    return value
+
+
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 

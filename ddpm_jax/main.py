@@ -4,9 +4,12 @@ r"""The `ddpm-jax` command: train, sample from or evaluate a model, from an ml_c
     ddpm-jax sample --workdir=workdirs/digits \
         --config.sampling.num_samples=1000 [--config.sampling.sampler=ddim ...]
     ddpm-jax eval --workdir=workdirs/digits
+    ddpm-jax ema --workdir=workdirs/digits --sigma_rel=0.05,0.10 [--step=N] [--sweep=METRIC]
 
-`python -m ddpm_jax.main --mode=train|sample|eval ...` is the same command (`--mode` in place
-of the first word; without either, it trains). Every other setting is
+`python -m ddpm_jax.main --mode=train|sample|eval|ema ...` is the same command (`--mode` in
+place of the first word; without either, it trains). `ema` writes post-hoc EMAs of a run
+trained with `optim.ema_profiles` and `optim.ema_snapshot_every` (`ddpm_jax.ema`), which
+`--config.eval.ema=NAME` then samples or evaluates. Every other setting is
 `--config.group.field=value` (every field is documented in `ddpm_jax/experiment/defaults.py`).
 Training resumes from the newest checkpoint in `--workdir`; running the same command again
 continues an interrupted run. Sampling and evaluation take the model from the workdir's
@@ -31,7 +34,9 @@ from ml_collections import config_flags
 
 from ddpm_jax import cli
 
-MODES = ("train", "sample", "eval")
+MODES = ("train", "sample", "eval", "ema")
+# The metrics of `ddpm-jax ema --sweep` (`ddpm_jax.ema.sweep.METRICS`).
+SWEEP_METRICS = ("bpd_estimate", "bpd", "fid")
 
 FLAGS = flags.FLAGS
 # The package's defaults stand in when --config is not given, so that --config.group.field=v
@@ -43,6 +48,14 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 flags.DEFINE_enum("mode", "train", list(MODES), "What to run (or give it as the first word).")
 flags.mark_flags_as_required(["workdir"])
+# `ddpm-jax ema` only.
+flags.DEFINE_list("sigma_rel", None, "ema: the σ_rel of each post-hoc EMA, in (0, 0.2887].")
+flags.DEFINE_integer("step", None, "ema: the step to average up to, a snapshot step (default: "
+                     "the last).")  # fmt: skip
+flags.DEFINE_list("from_profiles", None, "ema: use only the snapshots of these tracked σ_rel.")
+flags.DEFINE_enum("sweep", None, list(SWEEP_METRICS), "ema: evaluate each σ_rel with this "
+                  "metric and write the curve, instead of writing the EMAs.")  # fmt: skip
+EMA_FLAGS = ("sigma_rel", "step", "from_profiles", "sweep")
 
 
 def command_line_overrides() -> dict[str, object]:
@@ -75,6 +88,7 @@ def main(argv: list[str]) -> None:
     config = cli.loaded_config("config")
     if config is None and FLAGS.mode == "train":
         cli.fail("--config is required to train, e.g. --config=configs/digits.py.")
+    ema_args = _ema_arguments()
     from ddpm_jax import files
     from ddpm_jax.experiment import ExperimentConfig, changes
     from ddpm_jax.runtime import workdir as wd
@@ -106,14 +120,41 @@ def main(argv: list[str]) -> None:
         from ddpm_jax.evaluation import evaluate
 
         evaluate.evaluate(config, workdir, config_overrides=overrides)
+    elif FLAGS.mode == "ema":
+        from ddpm_jax.ema import command
+
+        command.run(config, workdir, **ema_args, config_overrides=overrides)
     else:
         from ddpm_jax.inference import write_samples
 
         write_samples.write_samples(config, workdir, config_overrides=overrides)
 
 
+def _ema_arguments() -> dict[str, object]:
+    """The `ddpm-jax ema` flags, parsed (or one `error:` line); refused in the other modes."""
+    given = [f"--{n}" for n in EMA_FLAGS if FLAGS[n].present]
+    if FLAGS.mode != "ema":
+        if given:
+            cli.fail(f"{', '.join(given)} belong(s) to `ddpm-jax ema`, not {FLAGS.mode}.")
+        return {}
+    if not FLAGS.sigma_rel:
+        cli.fail("ddpm-jax ema needs --sigma_rel, e.g. --sigma_rel=0.05,0.10.")
+
+    def floats(name: str) -> list[float] | None:
+        values = FLAGS[name].value
+        if values is None:
+            return None
+        try:
+            return [float(v) for v in values]
+        except ValueError:
+            cli.fail(f"--{name}={','.join(values)}: expected numbers such as 0.05,0.10.")
+
+    return {"sigma_rels": floats("sigma_rel"), "step": FLAGS.step,
+            "from_profiles": floats("from_profiles"), "sweep": FLAGS.sweep}  # fmt: skip
+
+
 def run() -> None:
-    """The `ddpm-jax` console script: `ddpm-jax train|sample|eval ...` (also `python -m
+    """The `ddpm-jax` console script: `ddpm-jax train|sample|eval|ema ...` (also `python -m
     ddpm_jax.main [--mode=...]`)."""
     cli.run(main, argv=cli.subcommand_as_flag(sys.argv, "mode", MODES))
 

@@ -28,6 +28,7 @@ from ddpm_jax.experiment import changes
 from ddpm_jax.inference.trained_model import TrainedModel
 from ddpm_jax.runtime import metrics
 from ddpm_jax.runtime import workdir as wd
+from ddpm_jax.runtime.checkpointing import named_emas
 
 
 def evaluate(
@@ -47,9 +48,10 @@ def evaluate(
 
     Returns:
       {"step", "split", "num_examples", "bpd", "bpd_decoder_L0", "bpd_diffusion_sum_Lt",
-      "bpd_prior_LT", "conditional", "variance", "clip_denoised"} plus {"fid",
+      "bpd_prior_LT", "conditional", "variance", "clip_denoised", "ema"} plus {"fid",
       "fid_num_samples", "fid_reference"} or {"fid_skipped"}; also written to
-      `<workdir>/eval/bpd_step<step>.json` by process 0.
+      `<workdir>/eval/bpd_step<step>.json` (`bpd_step<step>_<name>.json` for the post-hoc
+      EMA of `config.eval.ema`) by process 0.
     """
     workdir = files.resolve_path(workdir)
     model = TrainedModel.from_config(changes.run_config(config, workdir, config_overrides), workdir)
@@ -66,13 +68,15 @@ def evaluate(
         "conditional": model.num_classes > 0,
         "variance": model.reverse.variance,
         "clip_denoised": model.reverse.clip_denoised,
+        "ema": model.ema,  # "ema_params", or the post-hoc EMA of config.eval.ema.
     }
     logging.info(
         "Step %d: %.4f bits/dim on %s (%d examples; L_0 %.4f, sum L_t %.4f, L_T %.4g; %.0f s).",
         step, bpd.total, cfg.eval.split, bpd.num_examples, bpd.decoder, bpd.diffusion,
         bpd.prior, time.perf_counter() - start,
     )  # fmt: skip
-    stem = os.path.join(workdir, wd.EVAL_SUBDIR, f"bpd_step{step}")
+    named = "" if model.ema == named_emas.DEFAULT_EMA else f"_{model.ema}"
+    stem = os.path.join(workdir, wd.EVAL_SUBDIR, f"bpd_step{step}{named}")
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(stem), exist_ok=True)
         files.save_npz(stem + "_terms.npz", terms=bpd.terms)

@@ -69,6 +69,8 @@ RESUME_REFUSED = (
     "diffusion.timestep_proposal",
     "training.batch_size",
     "training.seed",
+    # The power EMAs in the train state: one that was not tracked from step 1 has no history.
+    "optim.ema_profiles",
 )
 # Changes that alter how the run continues but not what it is: accepted with a warning.
 # Every other field (run length, logging and saving cadence, sampling, evaluation, mesh,

@@ -121,6 +121,13 @@ def get_config() -> ml_collections.ConfigDict:
     # initial parameters (zero output layer) within a short run; at 0.9999 the two agree after
     # ~90k steps. False: the constant decay of Ho et al.
     config.optim.ema_warmup = True
+    # Post-hoc EMA (Karras et al. 2024, EDM2): power-function EMAs of these relative widths
+    # σ_rel (each in (0, 1/√12 ≈ 0.2887]; EDM2 tracks 0.05 and 0.10), kept in the train state
+    # beside the EMA above, one float32 copy of the parameters each. () : none.
+    config.optim.ema_profiles = ()
+    # Every this many steps (and at the last), the power EMAs are saved to ema_snapshots/ and
+    # kept; `ddpm-jax ema` reconstructs any σ_rel from them after training. 0: no snapshots.
+    config.optim.ema_snapshot_every = 0
 
     config.sampling = ml_collections.ConfigDict()
     # "ancestral" (Ho et al.), "ddim" (Song et al.), or the multistep ODE solvers
@@ -150,6 +157,9 @@ def get_config() -> ml_collections.ConfigDict:
     # FID reference statistics (and converted weights) cache; None: ~/.cache/ddpm_jax/fid.
     config.eval.fid_cache_dir = ml_collections.config_dict.placeholder(str)
     config.eval.fid_reference_examples = 0  # training images for FID reference stats; 0: all.
+    # The parameters that sampling and evaluation use: None, the checkpoint's EMA (optim.
+    # ema_decay); or the name of a post-hoc EMA that `ddpm-jax ema` wrote to <workdir>/emas/.
+    config.eval.ema = ml_collections.config_dict.placeholder(str)
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.fsdp = False  # shard parameters and optimizer state over the data axis.

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from ddpm_jax import fields, files
-from ddpm_jax.errors import ConfigError
+from ddpm_jax.errors import ConfigError, WorkdirError
 from ddpm_jax.experiment import (
     Experiment,
     ExperimentConfig,
@@ -37,6 +37,7 @@ from ddpm_jax.experiment.chain_program import ChainProgram, raw_key
 from ddpm_jax.images import to_uint8
 from ddpm_jax.runtime import checkpointing, compilation_cache
 from ddpm_jax.runtime import sharding as shd
+from ddpm_jax.runtime.checkpointing import named_emas
 from ddpm_jax.runtime.progress import Progress
 
 __all__ = ["Chunk", "TrainedModel", "chunk_sizes", "load_sampler"]
@@ -80,9 +81,11 @@ class TrainedModel:
       config: the parsed config of the run (model, data, diffusion of the checkpoint; sampling
         and mesh of the caller).
       params: the EMA parameters, on `mesh`.
-      step: the training step of the checkpoint.
+      step: the training step of the checkpoint (of a named EMA: its reconstruction step).
       mesh: the device mesh.
       experiment: the network, schedule and reverse process.
+      ema: which parameters: "ema_params" (the checkpoint's exponential EMA) or the name of a
+        post-hoc EMA of `<workdir>/emas/` (`config.eval.ema`, `ddpm-jax ema`).
     """
 
     config: ExperimentConfig
@@ -90,10 +93,13 @@ class TrainedModel:
     step: int
     mesh: jax.sharding.Mesh
     experiment: Experiment
+    ema: str = named_emas.DEFAULT_EMA
     _compiled: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def from_config(cls, config: Any, workdir: str, *, step: int | None = None) -> TrainedModel:
+    def from_config(
+        cls, config: Any, workdir: str, *, step: int | None = None, ema: str | None = None
+    ) -> TrainedModel:
         """Restores only the EMA parameters of `workdir`'s checkpoint `step` (default latest).
 
         No optimizer or train state is built: the parameters' shapes come from the network.
@@ -102,14 +108,29 @@ class TrainedModel:
           config: a resolved config (`experiment.changes.run_config`), ConfigDict or parsed: its
             model/data/diffusion must be those the checkpoint was trained with.
           workdir: the training run's workdir.
-          step: checkpoint step; None for the newest that restores.
+          step: checkpoint step; None for the newest that restores. With a named EMA: None
+            or its own step.
+          ema: a post-hoc EMA of `<workdir>/emas/` to use instead of the checkpoint's EMA;
+            None: `config.eval.ema` (None there too: the checkpoint's EMA).
 
         Raises:
-          WorkdirNotFoundError: no checkpoint (at `step`) in `workdir`.
+          WorkdirNotFoundError: no checkpoint (at `step`) in `workdir`, or no such named EMA.
           ConfigError: a bad sampling field, naming it.
+          WorkdirError: a named EMA of another step than `step`.
         """
         experiment = Experiment.from_config(config)
         mesh = shd.make_mesh()
+        name = experiment.config.eval.ema if ema is None else ema
+        if name not in (None, named_emas.DEFAULT_EMA):
+            params, meta = named_emas.restore_named_ema(
+                workdir, name, experiment.abstract_params(mesh)
+            )
+            if step is not None and int(step) != int(meta["step"]):
+                raise WorkdirError(
+                    f"The post-hoc EMA {name!r} is the average at step {meta['step']}, not "
+                    f"{step}; leave the step out, or reconstruct one at step {step}."
+                )
+            return cls(experiment.config, params, int(meta["step"]), mesh, experiment, name)
         params, step = checkpointing.restore_subtree(
             workdir, "ema_params", experiment.abstract_params(mesh), step=step
         )
@@ -352,6 +373,7 @@ def load_sampler(
     workdir: str,
     *,
     step: int | None = None,
+    ema: str | None = None,
     config_overrides: Mapping[str, Any] | None = None,
     compilation_cache_dir: str | None = compilation_cache.DEFAULT,
 ) -> TrainedModel:
@@ -363,6 +385,9 @@ def load_sampler(
     Args:
       workdir: the workdir (`~` and relative paths are resolved here).
       step: checkpoint step; None for the newest that restores.
+      ema: the name of a post-hoc EMA that `ddpm-jax ema` wrote to `<workdir>/emas/`, to
+        sample from instead of the checkpoint's EMA (its step is its reconstruction step);
+        None: `config.eval.ema` of the overrides, else the checkpoint's EMA.
       config_overrides: dotted-path changes, e.g. `{"sampling.batch_size": 64,
         "sampling.num_steps": 100}` (see `experiment.changes.apply_overrides` for what may
         change).
@@ -383,6 +408,6 @@ def load_sampler(
         compilation_cache.enable(compilation_cache_dir, only_if_unset=True)
     config = changes.apply_overrides(changes.read_config(workdir), config_overrides)
     try:
-        return TrainedModel.from_config(config, workdir, step=step)
+        return TrainedModel.from_config(config, workdir, step=step, ema=ema)
     except ConfigError as e:
         raise ConfigError(f"{workdir}/config.json: {e}") from e

@@ -31,6 +31,7 @@ from ddpm_jax.images import image_grid, save_png, to_uint8
 from ddpm_jax.inference.trained_model import TrainedModel, chunk_sizes
 from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime import workdir as wd
+from ddpm_jax.runtime.checkpointing import named_emas
 from ddpm_jax.runtime.progress import Progress
 
 COMBINED_FILE = "samples.npz"
@@ -79,7 +80,8 @@ def write_samples(
 ) -> str:
     """`--mode=sample`: writes `config.sampling.num_samples` samples of `workdir`'s model.
 
-    Files under `<workdir>/samples/` (process 0 writes, every process samples):
+    Files under `<workdir>/samples/` (`samples/<name>/` for the post-hoc EMA of
+    `config.eval.ema`; process 0 writes, every process samples):
       - `chunk_<i:05d>.npz`: uint8 `images` [n_i, H, W, C] of chunk i (and int32 `labels`
         for class-conditional models), n_i = `config.sampling.batch_size` except the last;
         `chunk_<i:05d>.png`: its grid;
@@ -107,6 +109,8 @@ def write_samples(
     s = model.config.sampling
     num, batch, seed = s.num_samples, s.batch_size, s.seed
     out_dir = os.path.join(workdir, wd.SAMPLES_SUBDIR)
+    if model.ema != named_emas.DEFAULT_EMA:  # a post-hoc EMA's samples: samples/<name>/.
+        out_dir = os.path.join(out_dir, model.ema)
     is_main = jax.process_index() == 0
     sizes = chunk_sizes(num, batch)
     meta = {
@@ -118,6 +122,8 @@ def write_samples(
         "variance": model.reverse.variance,
         "clip_denoised": model.reverse.clip_denoised,
     }
+    if model.ema != named_emas.DEFAULT_EMA:
+        meta["ema"] = model.ema
     done = np.zeros(len(sizes), bool)
     if is_main:
         os.makedirs(out_dir, exist_ok=True)

@@ -5,6 +5,8 @@ A workdir holds one model's whole life:
     config.json            the resolved config of the last accepted training run
     config_history.jsonl   every accepted change of config.json on resume (one JSON per line)
     checkpoints/<step>/    orbax checkpoints (`ddpm_jax.runtime.checkpointing`)
+    ema_snapshots/<step>/  snapshots of the power EMAs of optim.ema_profiles, all kept
+    emas/<name>/           post-hoc EMAs reconstructed from them by `ddpm-jax ema`
     metrics.jsonl          training scalars (and TensorBoard event files beside it)
     samples_<step>.png     sample grids written while training
     samples/               `--mode=sample` output; eval/: `--mode=eval` output
@@ -34,6 +36,8 @@ from ddpm_jax.errors import WorkdirError, WorkdirNotFoundError
 CONFIG_FILE = "config.json"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
 CHECKPOINT_SUBDIR = "checkpoints"
+EMA_SNAPSHOT_SUBDIR = "ema_snapshots"
+NAMED_EMA_SUBDIR = "emas"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_SUBDIR = "samples"
 EVAL_SUBDIR = "eval"

@@ -1,6 +1,7 @@
 """Training: the train state, a pure jit-compiled sharded train step, and the training loop.
 
-- `state`: `TrainState`, the optimizer (Adam, warm-up, clipping), the EMA, `build`.
+- `state`: `TrainState` (and its variants with the loss history and the power EMAs of
+  post-hoc EMA), the optimizer (Adam, warm-up, clipping), the EMA, `build`.
 - `step`: the train step `(state, batch) -> (state, metrics)` and the logged bound estimate.
 - `timestep_proposal`: uniform or loss-aware (importance-sampled) training timesteps.
 - `loop`: `loop.train(config, workdir)`, the resumable training run with its periodic actions
@@ -14,7 +15,9 @@ Sampling and evaluation never import this package: they build the network from
 """
 
 from ddpm_jax.train.state import (
+    LossAwarePowerEMATrainState,
     LossAwareTrainState,
+    PowerEMATrainState,
     TrainSetup,
     TrainState,
     build,
@@ -24,7 +27,9 @@ from ddpm_jax.train.state import (
 from ddpm_jax.train.step import make_bpd_estimate_fn, make_train_step
 
 __all__ = [
+    "LossAwarePowerEMATrainState",
     "LossAwareTrainState",
+    "PowerEMATrainState",
     "TrainSetup",
     "TrainState",
     "build",

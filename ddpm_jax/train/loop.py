@@ -38,6 +38,7 @@ from ddpm_jax.images import to_uint8
 from ddpm_jax.runtime import checkpointing, metrics, preemption
 from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime import workdir as wd
+from ddpm_jax.runtime.checkpointing import snapshots
 from ddpm_jax.runtime.progress import Progress
 from ddpm_jax.train.state import TrainSetup, TrainState, build
 from ddpm_jax.train.step import check_finite, make_bpd_estimate_fn, make_train_step
@@ -70,9 +71,9 @@ def resume_changes(
     if refused and not allow_config_change:
         raise ConfigError(
             f"Refusing to resume {workdir}: {', '.join(map(str, refused))} differ(s) from its "
-            "config.json, which defines the network, its data or the data order and random "
-            "streams of the run. Use the config it was trained with (the README lists what "
-            "may change on resume), another --workdir, or "
+            "config.json, which defines the network, its data, the data order and random "
+            "streams or the power EMAs tracked in the run. Use the config it was trained "
+            "with (the README lists what may change on resume), another --workdir, or "
             "--config.training.allow_config_change=True to resume anyway."
         )
     for change in refused + warned:
@@ -155,6 +156,20 @@ class SaveCheckpoint:
 
     def __call__(self, step: int, state: TrainState, batch, host) -> None:
         self.ctx.ckpt.save(step, state, {"data_step": step}, force=True)
+
+
+class SaveEMASnapshot:
+    """Every `optim.ema_snapshot_every` steps, at the last step and when asked to stop: the
+    power EMAs, to `<workdir>/ema_snapshots/<step>/` (`checkpointing.snapshots`)."""
+
+    def __init__(self, writer: snapshots.SnapshotWriter):
+        self.writer = writer
+
+    def due(self, step: int, final: bool) -> bool:
+        return self.writer.due(step, final)
+
+    def __call__(self, step: int, state: TrainState, batch, host) -> None:
+        self.writer.save(step, state.power_emas)
 
 
 class WriteSampleGrid:
@@ -284,9 +299,15 @@ def _train(config, cfg: ExperimentConfig, workdir, mesh, setup: TrainSetup, info
         keep_last=tc.keep_checkpoints,
         keep_period=tc.keep_period,
     )
+    snapshot_writer = None
     try:
         state = _restore(ckpt, setup, resume_step, stream_key(tc.seed, Stream.INIT))
         start_step = int(state.step)
+        snapshots.set_aside_after(workdir, start_step)
+        if cfg.optim.ema_snapshot_every:
+            snapshot_writer = snapshots.SnapshotWriter(
+                workdir, every=cfg.optim.ema_snapshot_every, sigma_rels=cfg.optim.ema_profiles
+            )
         if is_main:
             dropped = metrics.drop_rows_after(f"{workdir}/{wd.METRICS_FILE}", start_step)
             if dropped:
@@ -294,12 +315,16 @@ def _train(config, cfg: ExperimentConfig, workdir, mesh, setup: TrainSetup, info
             if accepted:
                 wd.append_config_history(workdir, start_step, accepted)
             wd.write_config(config, workdir)
-        return _loop(cfg, workdir, mesh, setup, info, ckpt, state, is_main)
+        return _loop(cfg, workdir, mesh, setup, info, ckpt, state, is_main, snapshot_writer)
     finally:
         ckpt.close()
+        if snapshot_writer is not None:
+            snapshot_writer.close()
 
 
-def _loop(cfg, workdir, mesh, setup, info, ckpt, state, is_main) -> TrainState:
+def _loop(
+    cfg, workdir, mesh, setup, info, ckpt, state, is_main, snapshot_writer=None
+) -> TrainState:
     tc = cfg.training
     start_step, num_steps = int(state.step), tc.num_train_steps
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -328,6 +353,8 @@ def _loop(cfg, workdir, mesh, setup, info, ckpt, state, is_main) -> TrainState:
     ctx = Context(cfg, setup, mesh, ckpt, writer, progress, Throughput(tc.batch_size, start_step),
                   num_steps)  # fmt: skip
     actions = [LogMetrics(ctx), SaveCheckpoint(ctx), WriteSampleGrid(ctx)]
+    if snapshot_writer is not None:
+        actions.append(SaveEMASnapshot(snapshot_writer))
     batches = data.iterator(start_step)
     pending: tuple[int, dict] | None = None  # the previous step's metrics, checked one late.
     step = start_step
@@ -342,6 +369,8 @@ def _loop(cfg, workdir, mesh, setup, info, ckpt, state, is_main) -> TrainState:
                     check_finite(jax.device_get(pending[1]), pending[0], ckpt.all_steps())
                 pending = (step, step_metrics)
                 ckpt.check_for_errors()
+                if snapshot_writer is not None:
+                    snapshot_writer.check_for_errors()
                 progress.update(1)
                 stop = terminate.is_set() or ckpt.reached_preemption(step)
                 final = stop or step == num_steps
@@ -356,6 +385,8 @@ def _loop(cfg, workdir, mesh, setup, info, ckpt, state, is_main) -> TrainState:
                     logging.warning("Termination requested: saved step %d and stopping.", step)
                     break
         ckpt.wait_until_finished()
+        if snapshot_writer is not None:
+            snapshot_writer.wait_until_finished()
     finally:
         batches.close()
         progress.close()

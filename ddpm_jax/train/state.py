@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ddpm_jax import posthoc_ema
 from ddpm_jax.experiment import Experiment
 from ddpm_jax.experiment.config import OptimConfig
 from ddpm_jax.runtime import sharding as shd
@@ -54,6 +55,36 @@ class LossAwareTrainState(TrainState):
     timestep_sampler: timestep_proposal.ResamplerState
 
 
+@flax.struct.dataclass
+class PowerEMATrainState(TrainState):
+    """A `TrainState` with the power-function EMAs of `config.optim.ema_profiles` (post-hoc
+    EMA, `ddpm_jax.posthoc_ema`), saved and restored with the rest.
+
+    A separate class, as `LossAwareTrainState`, so that runs without profiles keep their
+    checkpoint layout exactly.
+
+    Attributes:
+      power_emas: one float32 pytree like `params` per profile, in the order of
+        `ema_profiles`, laid out like the parameters.
+    """
+
+    power_emas: tuple[PyTree, ...]
+
+
+@flax.struct.dataclass
+class LossAwarePowerEMATrainState(LossAwareTrainState):
+    """Both: the loss history of `LossAwareTrainState` and the power EMAs of
+    `PowerEMATrainState` (a subclass of the former, so that code testing for either field's
+    class by `isinstance(state, LossAwareTrainState)` keeps working)."""
+
+    power_emas: tuple[PyTree, ...]
+
+
+def has_power_emas(state: TrainState) -> bool:
+    """True if `state` carries power EMAs (`PowerEMATrainState` or the loss-aware one)."""
+    return isinstance(state, PowerEMATrainState | LossAwarePowerEMATrainState)
+
+
 def learning_rate_fn(optim: OptimConfig) -> optax.Schedule:
     """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then constant (Ho et al.)."""
     peak, warmup = float(optim.learning_rate), int(optim.warmup_steps)
@@ -86,7 +117,8 @@ def make_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
 def init_state(
     experiment: Experiment, optimizer: optax.GradientTransformation, key: jax.Array
 ) -> TrainState:
-    """The initial `TrainState`: fresh parameters, their copy as the EMA, fresh Adam moments."""
+    """The initial `TrainState`: fresh parameters, their copy as the EMA (and as each power
+    EMA of `optim.ema_profiles`), fresh Adam moments."""
     params = experiment.init_params(key)
     fields = dict(
         step=jnp.zeros((), jnp.int32),
@@ -94,10 +126,16 @@ def init_state(
         ema_params=jax.tree.map(jnp.copy, params),
         opt_state=optimizer.init(params),
     )
-    if experiment.config.diffusion.timestep_proposal == "loss_aware":
+    loss_aware = experiment.config.diffusion.timestep_proposal == "loss_aware"
+    profiles = experiment.config.optim.ema_profiles
+    if loss_aware:
         T = experiment.schedule.num_timesteps
-        return LossAwareTrainState(**fields, timestep_sampler=timestep_proposal.init_state(T))
-    return TrainState(**fields)
+        fields["timestep_sampler"] = timestep_proposal.init_state(T)
+    if profiles:
+        fields["power_emas"] = tuple(posthoc_ema.init(params) for _ in profiles)
+        cls = LossAwarePowerEMATrainState if loss_aware else PowerEMATrainState
+        return cls(**fields)
+    return LossAwareTrainState(**fields) if loss_aware else TrainState(**fields)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

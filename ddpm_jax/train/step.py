@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import likelihood
+from ddpm_jax import likelihood, posthoc_ema
 from ddpm_jax import losses as losses_lib
 from ddpm_jax.errors import NonFiniteError
 from ddpm_jax.experiment import Experiment, Stream, stream_key
@@ -43,6 +43,7 @@ def make_train_step(
     base_key = stream_key(cfg.training.seed, Stream.TRAIN_STEP)
     sched = experiment.schedule
     loss_aware = d.timestep_proposal == "loss_aware"
+    gammas = tuple(posthoc_ema.sigma_rel_to_gamma(s) for s in cfg.optim.ema_profiles)
 
     def loss_fn(params, images, labels, key, history):
         """The batch's mean loss, and (per-example losses, t) for the loss-aware proposal."""
@@ -111,6 +112,12 @@ def make_train_step(
         if loss_aware:
             new_state = new_state.replace(
                 timestep_sampler=timestep_proposal.update(history, ts, per_example)
+            )
+        if gammas:  # post-hoc EMA: t counts the updates including this one (β(1) = 0).
+            new_state = new_state.replace(
+                power_emas=posthoc_ema.update_profiles(
+                    state.power_emas, params, state.step + 1, gammas
+                )
             )
         step_metrics = {
             "loss": loss,
