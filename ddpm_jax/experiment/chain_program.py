@@ -28,8 +28,11 @@ import numpy as np
 from ddpm_jax import sampling, timesteps
 from ddpm_jax.experiment.build import Experiment
 from ddpm_jax.experiment.config import ReverseProcess, SamplingOptions
+from ddpm_jax.experiment.programs import config_key
+from ddpm_jax.runtime import executables
 from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime.progress import Progress
+from ddpm_jax.runtime.startup import StartupTimer
 
 PyTree = Any
 
@@ -64,6 +67,9 @@ class ChainProgram:
       padded: images per call.
       options: the sampler, its number of steps, η, guidance.
       reverse: the reverse process; default the experiment's.
+      executable_cache: keeps the compiled programs on disk (`runtime.executables`); None:
+        compiled in this process only.
+      timer: times their tracing, lowering, compilation or loading (`runtime.startup`).
     """
 
     def __init__(
@@ -73,6 +79,9 @@ class ChainProgram:
         padded: int,
         options: SamplingOptions,
         reverse: ReverseProcess | None = None,
+        *,
+        executable_cache: executables.ExecutableCache | None = None,
+        timer: StartupTimer | None = None,
     ):
         if padded % mesh.devices.size:
             raise ValueError(f"padded={padded} is not a multiple of {mesh.devices.size} devices.")
@@ -93,6 +102,19 @@ class ChainProgram:
             donate_argnums=(3,),
         )
         self._finish = jax.jit(_images_of, out_shardings=batch_sh)
+        if executable_cache is not None or timer is not None:
+            key = {
+                "config": config_key(experiment.config),
+                "options": repr(options),
+                "reverse": repr(self.reverse),
+                "padded": padded,
+                "segment": self.segment,
+            }
+            for name in ("_prepare", "_init", "_run", "_finish"):
+                program = executables.CachedJit(
+                    getattr(self, name), f"chain{name}", key, executable_cache, timer
+                )
+                setattr(self, name, program)
 
     def device_steps(self, ts: np.ndarray) -> tuple[PyTree, jax.Array]:
         """The respaced schedule and timesteps [K] of a chain, on the mesh (cached)."""
