@@ -19,12 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from ddpm_jax import diffusion, fields, losses, sampling, schedules, solvers, timesteps
+from ddpm_jax import diffusion, edm, fields, losses, sampling, schedules, solvers, timesteps
 from ddpm_jax.data.config import DataConfig
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.experiment import edm_config
+from ddpm_jax.experiment.edm_config import EDMConfig
 from ddpm_jax.models.config import ModelConfig
 
-GROUPS = ("data", "model", "diffusion", "training", "optim", "sampling", "eval", "mesh")
+GROUPS = ("data", "model", "diffusion", "edm", "training", "optim", "sampling", "eval", "mesh")
+# The DDPM chains (DDPM models only) and EDM's samplers on Karras σ's (any model).
+SAMPLERS = (*sampling.SAMPLERS, *edm.SOLVERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,8 @@ class DiffusionConfig:
     clip_denoised: bool
     vlb_weight: float
     timestep_proposal: str
+    formulation: str
+    rescale_zero_terminal_snr: bool
 
     def __post_init__(self):
         fields.choice("diffusion.schedule", self.schedule, schedules.SCHEDULES)
@@ -102,6 +108,7 @@ class DiffusionConfig:
         fields.choice(
             "diffusion.timestep_proposal", self.timestep_proposal, ("uniform", "loss_aware")
         )
+        edm_config.check_diffusion(self)  # formulation, zero terminal SNR.
         try:
             self.betas()
         except ValueError as e:
@@ -122,10 +129,13 @@ class DiffusionConfig:
         return ReverseProcess(self.parameterization, self.variance, self.clip_denoised)
 
     def betas(self) -> np.ndarray:
-        """β_1..β_T, float64 [T]."""
-        return schedules.get_beta_schedule(
+        """β_1..β_T, float64 [T] (rescaled to ᾱ_T = 0 with `rescale_zero_terminal_snr`)."""
+        betas = schedules.get_beta_schedule(
             self.schedule, self.num_timesteps, beta_start=self.beta_start, beta_end=self.beta_end
         )
+        if self.rescale_zero_terminal_snr:
+            betas = schedules.rescale_zero_terminal_snr(betas)
+        return betas
 
     def make_schedule(self) -> schedules.Schedule:
         """The `Schedule` of this forward process."""
@@ -148,6 +158,7 @@ class TrainingConfig:
     seed: int
     resume_step: int | None
     allow_config_change: bool
+    label_dropout: float
 
     def __post_init__(self):
         fields.integer("training.batch_size", self.batch_size, 1)
@@ -164,6 +175,8 @@ class TrainingConfig:
         fields.integer("training.seed", self.seed, 0, 2**31 - 1)
         fields.integer("training.resume_step", self.resume_step, 0, none_ok=True)
         fields.boolean("training.allow_config_change", self.allow_config_change)
+        fields.number("training.label_dropout", self.label_dropout, 0.0, 1.0, high_open=True,
+                      hint=" Ho & Salimans: 0.1.")  # fmt: skip
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(
                 f"config.training.batch_size = {self.batch_size} is not divisible by "
@@ -186,9 +199,11 @@ class OptimConfig:
     b1: float
     b2: float
     eps: float
-    grad_clip_norm: float
+    grad_clip_norm: float | None
     ema_decay: float
     ema_warmup: bool
+    ema_halflife_kimg: float | None
+    ema_rampup_ratio: float | None
 
     def __post_init__(self):
         fields.number("optim.learning_rate", self.learning_rate, 0.0, low_open=True,
@@ -197,9 +212,11 @@ class OptimConfig:
         fields.number("optim.b1", self.b1, 0.0, 1.0, high_open=True)
         fields.number("optim.b2", self.b2, 0.0, 1.0, high_open=True)
         fields.number("optim.eps", self.eps, 0.0, low_open=True)
-        fields.number("optim.grad_clip_norm", self.grad_clip_norm, 0.0, low_open=True)
+        fields.number("optim.grad_clip_norm", self.grad_clip_norm, 0.0, low_open=True,
+                      none_ok=True, hint=" None: no clipping.")  # fmt: skip
         fields.number("optim.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         fields.boolean("optim.ema_warmup", self.ema_warmup)
+        edm_config.check_ema_halflife(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,15 +224,17 @@ class SamplingOptions:
     """How to run the reverse chain (hashable: one compilation per distinct `program_key`).
 
     Attributes:
-      sampler: one of `sampling.SAMPLERS`: "ancestral", "ddim", "dpm_solver++", "unipc".
-      num_steps: steps of the chain; 0 means all T.
+      sampler: one of `SAMPLERS` ("heun", "euler": `karras`, for any model; the others DDPM).
+      num_steps: steps of the chain; 0 means all T (heun/euler: EDM's 18).
       eta: DDIM's η (0: deterministic); "ddim" only.
       guidance_scale: classifier-free guidance w (1: the conditional model alone);
         class-conditional models only.
       order: 1, 2 or 3, the order of the multistep solvers ("dpm_solver++", "unipc"); the
         other samplers take only the default, 2.
       timestep_spacing: which `num_steps` timesteps are visited, one of
-        `timesteps.SPACINGS` ("endpoints", the default, keeps 0 and T-1).
+        `timesteps.SPACINGS` ("endpoints", the default, keeps 0 and T-1); not heun/euler.
+      sigma_min, sigma_max, rho, s_churn, s_min, s_max, s_noise: heun/euler's Karras grid
+        (None: the model's σ range) and churn (`edm.integrate`; s_max None: ∞).
     """
 
     sampler: str
@@ -224,10 +243,18 @@ class SamplingOptions:
     guidance_scale: float
     order: int
     timestep_spacing: str
+    sigma_min: float | None
+    sigma_max: float | None
+    rho: float
+    s_churn: float
+    s_min: float
+    s_max: float | None
+    s_noise: float
 
     def __post_init__(self):
-        fields.choice("sampling.sampler", self.sampler, sampling.SAMPLERS)
-        fields.integer("sampling.num_steps", self.num_steps, 0, hint=" 0: all T steps.")
+        fields.choice("sampling.sampler", self.sampler, SAMPLERS)
+        fields.integer("sampling.num_steps", self.num_steps, 0,
+                       hint=" 0: all T steps (heun/euler: 18).")  # fmt: skip
         fields.number("sampling.eta", self.eta, 0.0, hint=" 0: deterministic DDIM.")
         if self.eta != 0.0 and self.sampler != "ddim":
             raise fields.fail(
@@ -246,14 +273,31 @@ class SamplingOptions:
                 f"config.sampling.sampler = {self.sampler!r}; leave it at 2.",
             )
         fields.choice("sampling.timestep_spacing", self.timestep_spacing, timesteps.SPACINGS)
+        edm_config.check_karras_fields(self)
+
+    @property
+    def karras(self) -> bool:
+        """True for EDM's samplers on Karras σ's ("heun", "euler")."""
+        return self.sampler in edm.SOLVERS
+
+    @property
+    def num_evaluations(self) -> int | None:
+        """Network evaluations per image of a heun/euler chain (2N - 1, N); None otherwise."""
+        n = self.num_steps or edm.DEFAULT_NUM_STEPS
+        return edm.num_evaluations(n, self.sampler) if self.karras else None
+
+    @property
+    def progress_unit(self) -> str:  # what a chain's progress counts.
+        return "network evaluations" if self.karras else "reverse steps"
 
     @property
     def program_key(self) -> tuple:
         """What a compiled chain depends on: not which timesteps it visits, only how many."""
-        return (self.sampler, self.num_steps, self.eta, self.guidance_scale, self.order)
+        key = (self.sampler, self.num_steps, self.eta, self.guidance_scale, self.order)
+        return key + tuple(getattr(self, f) for f in edm_config.KARRAS_FIELDS)
 
     def timesteps(self, diffusion: DiffusionConfig) -> np.ndarray:
-        """The timesteps the chain visits (all T when num_steps is 0), int64 [K], increasing."""
+        """The timesteps a DDPM chain visits (all T if num_steps is 0), int64 [K], increasing."""
         T = diffusion.num_timesteps
         if self.num_steps == 0:
             return np.arange(T)
@@ -269,14 +313,9 @@ class SamplingOptions:
 
     def check(self, diffusion: DiffusionConfig, num_classes: int) -> None:
         """Raises `ConfigError` for options this model cannot sample with."""
-        if self.num_steps > diffusion.num_timesteps:
-            raise fields.fail(
-                "sampling.num_steps",
-                self.num_steps,
-                f"must be 0 (all steps) or at most config.diffusion.num_timesteps = "
-                f"{diffusion.num_timesteps}.",
-            )
-        self.timesteps(diffusion)
+        edm_config.check_sampler_for_model(self, diffusion)  # and num_steps <= T.
+        if not self.karras:
+            self.timesteps(diffusion)
         if self.guidance_scale != 1.0 and num_classes == 0:
             raise ConfigError(
                 f"config.sampling.guidance_scale = {self.guidance_scale} needs a "
@@ -297,6 +336,13 @@ class SamplingConfig:
     guidance_scale: float
     order: int
     timestep_spacing: str
+    sigma_min: float | None
+    sigma_max: float | None
+    rho: float
+    s_churn: float
+    s_min: float
+    s_max: float | None
+    s_noise: float
 
     def __post_init__(self):
         self.options  # noqa: B018  (checks the chain's fields)
@@ -307,10 +353,8 @@ class SamplingConfig:
     @property
     def options(self) -> SamplingOptions:
         """The chain's options (`dataclasses.replace` them to change one)."""
-        return SamplingOptions(
-            self.sampler, self.num_steps, self.eta, self.guidance_scale, self.order,
-            self.timestep_spacing,
-        )  # fmt: skip
+        names = [f.name for f in dataclasses.fields(SamplingOptions)]
+        return SamplingOptions(**{name: getattr(self, name) for name in names})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +407,7 @@ class ExperimentConfig:
     data: DataConfig
     model: ModelConfig
     diffusion: DiffusionConfig
+    edm: EDMConfig
     training: TrainingConfig
     optim: OptimConfig
     sampling: SamplingConfig
@@ -390,6 +435,7 @@ class ExperimentConfig:
             data=data,
             model=model,
             diffusion=fields.view_of_group(DiffusionConfig, "diffusion", groups["diffusion"]),
+            edm=fields.view_of_group(EDMConfig, "edm", groups["edm"]),
             training=fields.view_of_group(TrainingConfig, "training", groups["training"]),
             optim=fields.view_of_group(OptimConfig, "optim", groups["optim"]),
             sampling=fields.view_of_group(SamplingConfig, "sampling", groups["sampling"]),
