@@ -62,7 +62,7 @@ def main(argv):
 
     config, config_name = FLAGS.config, ""
     if config is None:  # the oracle and input parts measure no model of a config.
-        model_parts = [p for p in FLAGS.parts if p in common.MODEL_PARTS]
+        model_parts = [p for p in FLAGS.parts if p in common.CONFIG_PARTS]
         if model_parts:
             cli.fail(f"--parts={','.join(model_parts)} measures a model: give its config, "
                      "e.g. --config=configs/cifar10.py.")  # fmt: skip

@@ -79,7 +79,7 @@ def make_ema_beta_fn(optim: OptimConfig, batch_size: int) -> Callable[[jax.Array
     """EMA decay β for the update at step s (s updates done before it), float32.
 
     With `optim.ema_halflife_kimg` None: `make_ema_decay_fn`. Otherwise EDM's half-life form
-    (Karras et al. 2022, App. F.1; NVlabs/edm's training loop): the average forgets half of
+    (Karras et al. 2022, App. F; NVlabs/edm's training loop): the average forgets half of
     itself every h images, β = 0.5^(B / max(h, 1e-8)) for a batch of B, with h = 1000 ·
     ema_halflife_kimg, or h = min(h, ema_rampup_ratio · s · B) with a ramp-up ratio (so that
     β = 0 at s = 0: the first update copies the parameters).
