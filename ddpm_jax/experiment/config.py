@@ -22,6 +22,7 @@ import numpy as np
 from ddpm_jax import diffusion, fields, losses, sampling, schedules, solvers, timesteps
 from ddpm_jax.data.config import DataConfig
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.experiment import eval_protocol
 from ddpm_jax.models.config import ModelConfig
 
 GROUPS = ("data", "model", "diffusion", "training", "optim", "sampling", "eval", "mesh")
@@ -326,6 +327,17 @@ class EvalConfig:
     inception_sha256: str | None
     fid_cache_dir: str | None
     fid_reference_examples: int
+    fid_seeds: tuple[int, ...] | None
+    fid_reference: str
+    reference_file: str | None
+    reference_sha256: str | None
+    likelihood: str | None
+    ode_trace: str
+    ode_num_probes: int
+    ode_solver: str
+    ode_rtol: float
+    ode_atol: float
+    ode_dequantization: str
 
     def __post_init__(self):
         fields.string("eval.split", self.split)
@@ -341,7 +353,8 @@ class EvalConfig:
         )
         fields.string("eval.fid_cache_dir", self.fid_cache_dir, none_ok=True)
         fields.integer("eval.fid_reference_examples", self.fid_reference_examples, 0,
-                       hint=" 0: the whole training split.")  # fmt: skip
+                       hint=" 0: the whole reference split.")  # fmt: skip
+        eval_protocol.check(self)  # seeds, reference, likelihood and ODE fields.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,6 +410,7 @@ class ExperimentConfig:
             mesh=fields.view_of_group(MeshConfig, "mesh", groups["mesh"]),
         )
         view.sampling.options.check(view.diffusion, model.num_classes)
+        eval_protocol.likelihoods(view.eval, eval_protocol.formulation(view))
         learned = diffusion.is_learned(view.diffusion.variance)
         channels = 2 * data.channels if learned else data.channels
         if model.out_channels not in (None, channels):
