@@ -256,7 +256,8 @@ def test_eval_json_has_every_metric_and_the_protocol(full):
     assert result["ode_num_examples"] == N_EVAL and result["ode_seconds"] > 0
     assert result["ode_network_evaluations"] > N_EVAL
     p = result["protocol"]
-    assert (p["checkpoint_step"], p["ema"], p["formulation"]) == (STEP, "ema", "ddpm")
+    assert (p["checkpoint_step"], p["ema"], p["formulation"]) == (STEP, "ema_params", "ddpm")
+    assert result["ema"] == "ema_params"
     ode = p["likelihood"]["ode"]
     sigma_min, sigma_max = TrainedModel.from_config(
         changes.resolve_config(config, workdir), workdir
@@ -276,6 +277,11 @@ def test_eval_json_has_every_metric_and_the_protocol(full):
     assert (s["inception_score_splits"], s["inception_score_split_size"]) == (1, 5000)
     assert s["precision_recall_k"] == 3
     assert len(s["warnings"]) == 1 and "biased" in s["warnings"][0]  # 13 < 10,000 samples.
+    cost = s["seconds"]["per_seed"]
+    assert [c["seed"] for c in cost] == list(SEEDS) and s["seconds"]["reference"] > 0
+    for part in ("sampling", "inception", "fid", "sfid", "inception_score", "precision_recall"):
+        assert cost[0][part] > 0, part
+    assert cost[0]["kept_feature_bytes"] == N_EVAL * (6 + 5) * 4  # cheap pool and logits.
     ode_file = np.load(stem + "_ode.npz")
     assert ode_file["bpd"].shape == ode_file["steps"].shape == (N_EVAL,)
     assert ode_file["bpd"].mean() == pytest.approx(result["ode_bpd"], rel=1e-12)

@@ -32,17 +32,19 @@ from ddpm_jax.evaluation import bpd as bpd_lib
 from ddpm_jax.evaluation import fid_score as fid_lib
 from ddpm_jax.evaluation import likelihood as ode_lib
 from ddpm_jax.evaluation import references
-from ddpm_jax.experiment import ExperimentConfig, changes, eval_protocol
+from ddpm_jax.experiment import changes, eval_protocol
 from ddpm_jax.inference.trained_model import TrainedModel
 from ddpm_jax.runtime import metrics
 from ddpm_jax.runtime import workdir as wd
 
+# The checkpoint's own exponential EMA (`ema_params`), the parameters `TrainedModel` restores.
+DEFAULT_EMA = "ema_params"
 
-def ema_used(config: ExperimentConfig) -> str:
-    """Which parameters are evaluated: "ema", the checkpoint's EMA (`TrainedModel` restores
-    `ema_params`). Named post-hoc EMAs (`config.eval.ema`) return their name here."""
-    del config
-    return "ema"
+
+def ema_used(model: TrainedModel) -> str:
+    """Which parameters are evaluated: `model.ema` where the model names them (a post-hoc EMA
+    of `config.eval.ema`), else the checkpoint's EMA, `DEFAULT_EMA`."""
+    return getattr(model, "ema", DEFAULT_EMA)
 
 
 def _bound(model: TrainedModel) -> tuple[dict[str, Any], Any]:
@@ -87,14 +89,15 @@ def evaluate(
 
     Returns:
       {"step", "split", "num_examples", "conditional", "variance", "clip_denoised",
-      "likelihood"}; with the bound "bpd", "bpd_decoder_L0", "bpd_diffusion_sum_Lt",
+      "likelihood", "ema"}; with the bound "bpd", "bpd_decoder_L0", "bpd_diffusion_sum_Lt",
       "bpd_prior_LT", "bpd_network_evaluations", "bpd_seconds"; with the ODE "ode_bpd",
       "ode_bpd_sem", "ode_num_examples", "ode_network_evaluations", "ode_solver_steps_mean",
       "ode_seconds"; the sample metrics of `fid_score.fid_score` (or {"fid_skipped"}); and
       "protocol": the checkpoint step, the EMA, the likelihoods' settings (the ODE's
       dequantization, σ_min, σ_max, trace, solver) and the samples' (number, seeds, sampler
       and its steps, reference with its file and SHA-256, Inception file). Also written to
-      `<workdir>/eval/bpd_step<step>.json` by process 0.
+      `<workdir>/eval/bpd_step<step>.json` (`bpd_step<step>_<name>.json` for a named EMA)
+      by process 0.
     """
     workdir = files.resolve_path(workdir)
     model = TrainedModel.from_config(changes.run_config(config, workdir, config_overrides), workdir)
@@ -111,15 +114,17 @@ def evaluate(
         "variance": model.reverse.variance,
         "clip_denoised": model.reverse.clip_denoised,
         "likelihood": list(kinds),
+        "ema": ema_used(model),
     }
     protocol: dict[str, Any] = {
         "checkpoint_step": step,
-        "ema": ema_used(cfg),
+        "ema": ema_used(model),
         "formulation": formulation,
         "likelihood": {"kinds": list(kinds), "split": cfg.eval.split},
     }
     results["protocol"] = protocol
-    stem = os.path.join(workdir, wd.EVAL_SUBDIR, f"bpd_step{step}")
+    named = "" if ema_used(model) == DEFAULT_EMA else f"_{ema_used(model)}"
+    stem = os.path.join(workdir, wd.EVAL_SUBDIR, f"bpd_step{step}{named}")
     is_main = jax.process_index() == 0
     if is_main:
         os.makedirs(os.path.dirname(stem), exist_ok=True)

@@ -84,6 +84,7 @@ class FeatureSet:
       stats: {output: `fid.FeatureStats`} of the streamed outputs ("pool", "spatial").
       rows: {output: float32 [capacity, D]} of the kept outputs ("pool", "logits"); the first
         `count` rows are filled.
+      seconds: {part: wall time} of the sampling, the Inception and each metric.
     """
 
     def __init__(self, capacity: int, streamed: tuple[str, ...], kept: tuple[str, ...]):
@@ -91,6 +92,7 @@ class FeatureSet:
         self.streamed, self.kept = tuple(streamed), tuple(kept)
         self.stats: dict[str, fid.FeatureStats] = {}
         self.rows: dict[str, np.ndarray] = {}
+        self.seconds: dict[str, float] = {}  # wall time of what made and used the set.
 
     def add(self, features: dict[str, np.ndarray]) -> None:
         """Adds a batch {output: [b, D]} (rows beyond the capacity are an error)."""

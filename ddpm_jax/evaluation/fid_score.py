@@ -115,7 +115,8 @@ def fid_score(
     features_fn = feats.make_features(weights, mesh, outputs)
     kept = sm.kept_outputs(skipped)
     is_main = jax.process_index() == 0
-    per_seed = []
+    reference_seconds = time.perf_counter() - start
+    per_seed, cost = [], []
     for seed in seeds:
         seed_start = time.perf_counter()
         samples = sm.sample_features(model, features_fn, num, seed, kept)
@@ -125,6 +126,7 @@ def fid_score(
         row = dict(zip(sm.METRICS, map(float, values), strict=True))
         sm.log_seed(seed, num, row, time.perf_counter() - seed_start)
         per_seed.append(row)
+        cost.append({"seed": seed, "kept_feature_bytes": samples.nbytes, **samples.seconds})
     results = sm.summarize(seeds, per_seed, skipped)
     logging.info(
         "FID %.4g (%d seed(s), %d samples each) at step %d (%.0f s).",
@@ -146,6 +148,7 @@ def fid_score(
         "precision_recall_k": references.PR_K,
         "sfid_features": f"{fid.SPATIAL_BLOCK}.branch1x1, first 7 channels ({fid.SPATIAL_DIM})",
         "warnings": [warning] if warning else [],
+        "seconds": {"reference": reference_seconds, "per_seed": cost},
     }
     return {
         **results,

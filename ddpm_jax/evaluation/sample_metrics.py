@@ -20,8 +20,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from ddpm_jax import fid
@@ -87,31 +89,56 @@ def sample_features(
 
     Chunks of `config.sampling.batch_size` are sampled, quantized and put through the
     Inception as they come; pool3 and spatial features are streamed into statistics, the
-    `kept` outputs stored for every sample (float32).
+    `kept` outputs stored for every sample (float32). The set's `seconds` holds the wall time
+    of the sampling and of the Inception passes.
     """
     features = feats.FeatureSet(num_samples, ("pool", "spatial"), kept)
-    for chunk in model.iter_chunks(num_samples, raw_key(seed, seed), progress=True):
+    chunks = model.iter_chunks(num_samples, raw_key(seed, seed), progress=True)
+    sampling = inception = 0.0
+    while True:
+        start = time.perf_counter()
+        chunk = next(chunks, None)
+        if chunk is None:
+            break
+        jax.block_until_ready(chunk.images)
+        middle = time.perf_counter()
         out = features_fn(chunk.images)
         features.add({k: v[: chunk.num_valid] for k, v in out.items()})
+        sampling, inception = sampling + middle - start, inception + time.perf_counter() - middle
+    features.seconds = {"sampling": sampling, "inception": inception}
     return features
 
 
 def seed_metrics(
     samples: feats.FeatureSet, ref: Reference, skipped: dict[str, str]
 ) -> dict[str, float]:
-    """Every metric of one sample set against the reference (on process 0), NaN if skipped."""
+    """Every metric of one sample set against the reference (on process 0), NaN if skipped.
+
+    The wall time of each part goes into `samples.seconds` ("fid", "sfid", ...).
+    """
     out = dict.fromkeys(METRICS, math.nan)
+    clock = time.perf_counter()
+
+    def timed(part):
+        nonlocal clock
+        now = time.perf_counter()
+        samples.seconds[part], clock = now - clock, now
+
     out["fid"] = fid.frechet_distance(*samples.statistics("pool"), ref.mu, ref.sigma)
+    timed("fid")
     if "sfid" not in skipped:
         out["sfid"] = fid.frechet_distance(*samples.statistics("spatial"), ref.mu_s, ref.sigma_s)
+        timed("sfid")
     if "inception_score" not in skipped:
         logits = samples.kept_rows("logits")
         mean, std = fid.inception_score(logits, inception_score_splits(logits.shape[0]))
         out["inception_score"], out["inception_score_split_std"] = mean, std
+        timed("inception_score")
     if "precision_recall" not in skipped:
         out["precision"], out["recall"] = fid.precision_recall(
             ref.pool, samples.kept_rows("pool"), k=PR_K, real_radii=ref.radii
         )
+        timed("precision_recall")
     return out
 
 
