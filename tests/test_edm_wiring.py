@@ -3,8 +3,8 @@
 A tiny EDM config (configs/edm_tiny.py) trains, resumes bit-identically after `kill -9`,
 logs its loss and denoising errors (it has no bound estimate), samples with heun and euler
 through `load_sampler` (each image equal to `edm.sample` of its documented key), and
-evaluates FID with a one-line note on bits/dim; DDPM workdirs, imported diffusers ones
-included, sample with heun and euler equal to `edm_discrete.sample`.
+evaluates log p(x) by the probability-flow ODE and the sample metrics; DDPM workdirs,
+imported diffusers ones included, sample with heun and euler equal to `edm_discrete.sample`.
 """
 
 import dataclasses
@@ -220,29 +220,40 @@ def _fid_config(**eval_fields):
     return config
 
 
-def test_sample_command_and_eval_of_an_edm_workdir(trained, tmp_path, caplog, monkeypatch):
-    """`ddpm-jax sample` writes the chunks; `ddpm-jax eval` computes FID (cheap features in
-    place of Inception here) and says in one line why there is no bits/dim."""
+def test_sample_command_and_eval_of_an_edm_workdir(trained, tmp_path, monkeypatch):
+    """`ddpm-jax sample` writes the chunks; `ddpm-jax eval` gives an EDM model the likelihood
+    it has, log p(x) by the probability-flow ODE (it has no discrete bound), and the sample
+    metrics (cheap features in place of Inception here)."""
     _, workdir = trained
-    config = _fid_config(fid_cache_dir=str(tmp_path / "cache"))
+    config = _fid_config(fid_cache_dir=str(tmp_path / "cache"), num_examples=2, ode_rtol=1e-3,
+                         ode_atol=1e-3)  # fmt: skip
     path = write_samples.write_samples(config, workdir)
     assert np.load(path)["images"].shape == (8, 8, 8, 1)
     meta = json.load(open(os.path.join(os.path.dirname(path), "meta.json")))
     assert meta["sampler"] == "euler" and meta["s_churn"] == 0.0
 
-    w = np.random.default_rng(1).standard_normal((8 * 8 * 3, 6)).astype(np.float32)
-    fake = weights.InceptionWeights({}, "ab" * 32, Path("fake.npz"))
-    features = lambda x: jnp.tanh(x.reshape(x.shape[0], -1) @ w)  # noqa: E731
-    monkeypatch.setattr(fid, "make_feature_fn", lambda variables: features)
+    w = np.random.default_rng(1).standard_normal((8 * 8 * 3, 16)).astype(np.float32)
+
+    def make_features_fn(variables, logits_kernel=None, *, outputs=fid.FEATURE_OUTPUTS, **_):
+        def features(x):
+            h = x.reshape(x.shape[0], -1) @ w
+            out = {"pool": jnp.tanh(h[:, :6]), "spatial": jnp.tanh(h[:, 6:11]),
+                   "logits": 3.0 * h[:, 11:]}  # fmt: skip
+            return {k: out[k] for k in outputs}
+
+        return features
+
+    kernel = np.zeros((fid.FEATURE_DIM, fid.LOGITS_DIM), np.float32)
+    fake = weights.InceptionWeights({}, "ab" * 32, Path("fake.npz"), kernel)
+    monkeypatch.setattr(fid, "make_features_fn", make_features_fn)
     monkeypatch.setattr(fid, "try_load_inception_weights", lambda *a, **k: (fake, None))
-    with caplog.at_level(logging.WARNING):
-        result = evaluate.evaluate(config, workdir)
-    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Bits/dim")]
-    assert len(skipped) == 1 and "probability-flow likelihood" in skipped[0]
-    assert "\n" not in skipped[0]
-    assert np.isfinite(result["fid"]) and result["fid"] > 0 and "bpd" not in result
+    result = evaluate.evaluate(config, workdir)
+    assert result["likelihood"] == ["ode"] and "bpd" not in result
+    assert result["protocol"]["formulation"] == "edm"
+    assert np.isfinite(result["ode_bpd"]) and result["ode_num_examples"] == 2
+    assert np.isfinite(result["fid"]) and result["fid"] > 0
     saved = json.load(open(os.path.join(workdir, wd.EVAL_SUBDIR, "bpd_step6.json")))
-    assert saved["fid"] == result["fid"] and saved["bpd_skipped"] == result["bpd_skipped"]
+    assert saved["fid"] == result["fid"] and saved["ode_bpd"] == result["ode_bpd"]
 
 
 @pytest.mark.slow
@@ -254,9 +265,10 @@ def test_eval_fid_of_an_edm_workdir_with_random_inception_weights(trained, tmp_p
         npz, traverse_util.flatten_dict(inception.random_variables(0), sep="/")
     )
     config = _fid_config(inception_weights=str(npz), inception_sha256=weights.sha256_file(npz),
-                         fid_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+                         fid_cache_dir=str(tmp_path / "cache"), likelihood="ode", num_examples=2,
+                         ode_rtol=1e-3, ode_atol=1e-3)  # fmt: skip
     result = evaluate.evaluate(config, workdir)
-    assert np.isfinite(result["fid"]) and result["fid"] > 0 and "bpd_skipped" in result
+    assert np.isfinite(result["fid"]) and result["fid"] > 0 and "ode_bpd" in result
 
 
 def test_class_conditional_edm_samples_with_guidance(tmp_path):

@@ -39,7 +39,13 @@ TRAINED_GROUPS = ("data", "model", "diffusion", "edm")
 # choice in Ho et al.).
 SAMPLING_DIFFUSION_FIELDS = ("diffusion.variance", "diffusion.clip_denoised")
 # Config fields that hold paths (a URL or an absolute path after `resolve_config_paths`).
-PATH_FIELDS = ("data.data_dir", "data.path", "eval.inception_weights", "eval.fid_cache_dir")
+PATH_FIELDS = (
+    "data.data_dir",
+    "data.path",
+    "eval.inception_weights",
+    "eval.fid_cache_dir",
+    "eval.reference_file",
+)
 
 # On resume, a change of these is refused unless training.allow_config_change = True: they
 # define the network and the data it was trained on, or the data order and the random

@@ -28,7 +28,7 @@ from ddpm_jax import (
 )
 from ddpm_jax.data.config import DataConfig
 from ddpm_jax.errors import ConfigError
-from ddpm_jax.experiment import edm_config
+from ddpm_jax.experiment import edm_config, eval_protocol
 from ddpm_jax.experiment.edm_config import EDMConfig
 from ddpm_jax.experiment.sampling_config import SamplingConfig
 from ddpm_jax.models.config import ModelConfig
@@ -262,6 +262,17 @@ class EvalConfig:
     fid_cache_dir: str | None
     fid_reference_examples: int
     ema: str | None
+    fid_seeds: tuple[int, ...] | None
+    fid_reference: str
+    reference_file: str | None
+    reference_sha256: str | None
+    likelihood: str | None
+    ode_trace: str
+    ode_num_probes: int
+    ode_solver: str
+    ode_rtol: float
+    ode_atol: float
+    ode_dequantization: str
 
     def __post_init__(self):
         fields.string("eval.split", self.split)
@@ -277,11 +288,12 @@ class EvalConfig:
         )
         fields.string("eval.fid_cache_dir", self.fid_cache_dir, none_ok=True)
         fields.integer("eval.fid_reference_examples", self.fid_reference_examples, 0,
-                       hint=" 0: the whole training split.")  # fmt: skip
+                       hint=" 0: the whole reference split.")  # fmt: skip
         fields.file_name(
             "eval.ema", self.ema, none_ok=True,
             hint=" None: the checkpoint's EMA; `ddpm-jax ema` names the others.",
         )  # fmt: skip
+        eval_protocol.check(self)  # seeds, reference, likelihood and ODE fields.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,6 +351,7 @@ class ExperimentConfig:
             mesh=fields.view_of_group(MeshConfig, "mesh", groups["mesh"]),
         )
         view.sampling.options.check(view.diffusion, model.num_classes)
+        eval_protocol.likelihoods(view.eval, eval_protocol.formulation(view))
         learned = diffusion.is_learned(view.diffusion.variance)
         channels = 2 * data.channels if learned else data.channels
         if model.out_channels not in (None, channels):

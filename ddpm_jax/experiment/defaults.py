@@ -196,7 +196,36 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.inception_sha256 = ml_collections.config_dict.placeholder(str)
     # FID reference statistics (and converted weights) cache; None: ~/.cache/ddpm_jax/fid.
     config.eval.fid_cache_dir = ml_collections.config_dict.placeholder(str)
-    config.eval.fid_reference_examples = 0  # training images for FID reference stats; 0: all.
+    # Images of the reference split ("train" or "test" below) for its statistics; 0: all.
+    config.eval.fid_reference_examples = 0
+    # The seeds of the sample sets of FID, sFID, IS, precision and recall: one set of
+    # fid_num_samples images per seed (key PRNGKey(seed), the images `--mode=sample` draws
+    # with that seed); each seed is reported, with the mean ± std and the minimum over seeds
+    # (EDM reports the minimum of 3). None: (sampling.seed,), one set.
+    config.eval.fid_seeds = ml_collections.config_dict.placeholder(tuple)
+    # What the samples are compared with: "train" (config.data.split: Ho et al.'s FID 3.17 is
+    # against the training set), "test" (config.eval.split) or "file" (eval.reference_file).
+    config.eval.fid_reference = "train"
+    # A published reference .npz, read as published (fid_reference = "file"): guided-diffusion's
+    # (ADM) batches (arr_0 uint8 images; mu, sigma, mu_s, sigma_s) or EDM's statistics (mu,
+    # sigma: FID only). Its SHA-256 is recorded, and checked against reference_sha256 if set.
+    config.eval.reference_file = ml_collections.config_dict.placeholder(str)
+    config.eval.reference_sha256 = ml_collections.config_dict.placeholder(str)
+    # The likelihood of --mode=eval: "bound" (the full T-step DDPM bound), "ode" (log p(x) by the
+    # probability-flow ODE, dequantized) or "both". None: "bound" for DDPM models, "ode" for EDM
+    # ones (which have no discrete bound).
+    config.eval.likelihood = ml_collections.config_dict.placeholder(str)
+    # The ODE likelihood: divergence "hutchinson" (Rademacher probes) or "exact" (dim JVPs per
+    # evaluation: small images only), probes per example, the adaptive solver ("dopri5" |
+    # "tsit5") and its tolerances (score_sde: 1e-5), and the uniform dequantization's bins:
+    # "score_sde" (width 2/256: bits/dim comparable with score_sde's tables) or "centred"
+    # (width 2/255 around the training grid). See ddpm_jax/likelihood/ode.py.
+    config.eval.ode_trace = "hutchinson"
+    config.eval.ode_num_probes = 1
+    config.eval.ode_solver = "dopri5"
+    config.eval.ode_rtol = 1e-5
+    config.eval.ode_atol = 1e-5
+    config.eval.ode_dequantization = "score_sde"
     # The parameters that sampling and evaluation use: None, the checkpoint's EMA (optim.
     # ema_decay); or the name of a post-hoc EMA that `ddpm-jax ema` wrote to <workdir>/emas/.
     config.eval.ema = ml_collections.config_dict.placeholder(str)
