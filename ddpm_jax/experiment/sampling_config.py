@@ -8,16 +8,13 @@ The DDPM chains ("ancestral", "ddim", "dpm_solver++", "unipc") run DDPM models; 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from ddpm_jax import edm, fields, sampling, solvers, timesteps
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.experiment import edm_config
-
-if TYPE_CHECKING:
-    from ddpm_jax.experiment.config import DiffusionConfig
 
 # The DDPM chains (DDPM models only) and EDM's samplers on Karras σ's (any model).
 SAMPLERS = (*sampling.SAMPLERS, *edm.SOLVERS)
@@ -100,8 +97,11 @@ class SamplingOptions:
         key = (self.sampler, self.num_steps, self.eta, self.guidance_scale, self.order)
         return key + tuple(getattr(self, f) for f in edm_config.KARRAS_FIELDS)
 
-    def timesteps(self, diffusion: DiffusionConfig) -> np.ndarray:
-        """The timesteps a DDPM chain visits (all T if num_steps is 0), int64 [K], increasing."""
+    def timesteps(self, diffusion: Any) -> np.ndarray:
+        """The timesteps a DDPM chain visits (all T if num_steps is 0), int64 [K], increasing.
+
+        `diffusion` is the config's `DiffusionConfig` (not imported here: it holds this view).
+        """
         T = diffusion.num_timesteps
         if self.num_steps == 0:
             return np.arange(T)
@@ -115,7 +115,7 @@ class SamplingOptions:
                 f"{self.timestep_spacing!r}: {e}"
             ) from e
 
-    def check(self, diffusion: DiffusionConfig, num_classes: int) -> None:
+    def check(self, diffusion: Any, num_classes: int) -> None:
         """Raises `ConfigError` for options this model cannot sample with."""
         edm_config.check_sampler_for_model(self, diffusion)  # and num_steps <= T.
         if not self.karras:
