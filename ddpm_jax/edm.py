@@ -14,8 +14,8 @@ integrating the probability-flow ODE dx/dσ = (x − D(x; σ))/σ (the paper's E
 - `karras_sigmas`: the grid σ_0 > … > σ_{N-1}, then σ_N = 0 (float64 numpy).
 - `preconditioning`, `precondition`: (c_skip, c_out, c_in, c_noise), and the D built from F.
 - `loss_noise`, `loss_weight`, `denoiser_loss`: the training loss per example.
-- `integrate`: Algorithm 2 on any grid ending at 0, one `lax.scan` with one network evaluation
-  per iteration; `sample`: from unit-normal latents on the Karras grid.
+- `integrate`: Algorithm 2 on any grid ending at 0, one `lax.scan` of `integration_step` over
+  `integration_plan`'s rows; `sample`: from unit-normal latents on the Karras grid.
 - `num_evaluations`: network evaluations of a chain (2N − 1 for Heun, N for Euler).
 
 The same samplers run DDPM-trained models (`ddpm_jax.edm_discrete`). Conventions: x is float32
@@ -38,6 +38,8 @@ __all__ = [
     "DenoiseFn",
     "denoiser_loss",
     "integrate",
+    "integration_plan",
+    "integration_step",
     "karras_sigmas",
     "loss_noise",
     "loss_weight",
@@ -337,6 +339,55 @@ def _plan(sigmas: np.ndarray, solver: str, s_churn, s_min, s_max, s_noise) -> di
     }
 
 
+def integration_plan(
+    sigmas: np.ndarray | Sequence[float],
+    solver: str = "heun",
+    *,
+    s_churn: float = 0.0,
+    s_min: float = 0.0,
+    s_max: float | None = float("inf"),
+    s_noise: float = 1.0,
+) -> tuple[dict[str, np.ndarray], bool]:
+    """The rows of `integrate`'s scan, one per network evaluation (arguments as there):
+    ({"step": int32 [E], "corrector": bool [E], "sigma_hat", "sigma_next", "churn_std": float32
+    [E]}, whether any step churns). `integration_step` runs one row."""
+    _check_solver(solver)
+    grid = _check_grid(sigmas)
+    s_churn = _check_number(s_churn, "s_churn", low=0.0)
+    s_min = _check_number(s_min, "s_min")
+    s_max = float("inf") if s_max is None else _check_number(s_max, "s_max", low=s_min)
+    s_noise = _check_number(s_noise, "s_noise", low=0.0)
+    plan = _plan(grid, solver, s_churn, s_min, s_max, s_noise)
+    churn = plan.pop("churn")
+    return {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in plan.items()}, churn
+
+
+def integration_step(
+    denoise_fn: DenoiseFn, carry: tuple, row: dict, key: jax.Array | None, *, churn: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One row of `integration_plan`: one network evaluation of Algorithm 2 (`integrate`).
+
+    `carry` is (x, x̂, d), float32 of x's shape: the current point, the predictor's start and
+    its slope; (x_0, x_0, 0) before the first row, x_N = carry[0] after the last. With `churn`
+    a predictor row draws its noise from `fold_in(key, row["step"])`.
+    """
+    x, x_hat, d = carry
+    corr = row["corrector"]
+    if churn:
+        eps = jax.random.normal(jax.random.fold_in(key, row["step"]), x.shape, jnp.float32)
+        x_pred = x + row["churn_std"] * eps
+    else:
+        x_pred = x
+    x_in = jnp.where(corr, x, x_pred)
+    s_in = jnp.where(corr, row["sigma_next"], row["sigma_hat"])
+    denoised = denoise_fn(x_in, jnp.full((x.shape[0],), s_in, jnp.float32)).astype(jnp.float32)
+    d_now = (x_in - denoised) / s_in
+    base = jnp.where(corr, x_hat, x_in)
+    slope = jnp.where(corr, 0.5 * d + 0.5 * d_now, d_now)
+    x_next = base + (row["sigma_next"] - row["sigma_hat"]) * slope
+    return x_next, base, jnp.where(corr, d, d_now)
+
+
 def integrate(
     denoise_fn: DenoiseFn,
     x: jax.Array,
@@ -359,10 +410,9 @@ def integrate(
     x_{i+1} = x̂_i + (σ_{i+1} − σ̂_i)(d_i + d'_i)/2. With S_churn = 0 this is Algorithm 1, the
     deterministic probability-flow ODE solver. D is never clipped.
 
-    Each scan iteration makes one network evaluation (`num_evaluations` of them: the predictor
-    and corrector of a Heun step are two iterations), so `denoise_fn` is traced once.
-    Randomness: ε_i = S_noise · normal(fold_in(key, i), x.shape, float32), drawn only on a
-    churned step (γ_i > 0); without churn `key` is unused and may be None.
+    Each scan iteration is one network evaluation (a row of `integration_plan`, run by
+    `integration_step`), so `denoise_fn` is traced once. Randomness: ε_i = S_noise ·
+    normal(fold_in(key, i), x.shape, float32), on churned steps only (else key may be None).
 
     Args:
       denoise_fn: `denoise_fn(x, sigma) -> D(x; σ)`, sigma float32 [B].
@@ -374,44 +424,22 @@ def integrate(
       return_steps: also return the point after every evaluation.
 
     Returns:
-      x_N, float32 of x's shape, not clipped; with `return_steps` also float32
-      [E, *x.shape], the point after each of the E evaluations (after a Heun predictor: its
-      Euler point x_{i+1}; after a corrector: the corrected x_{i+1}), as diffusers' `step`
-      returns them.
+      x_N, float32 of x's shape, not clipped; with `return_steps` also float32 [E, *x.shape],
+      the point after each of the E evaluations (after a Heun predictor its Euler point
+      x_{i+1}, after a corrector the corrected x_{i+1}), as diffusers' `step` returns them.
     """
-    _check_solver(solver)
-    grid = _check_grid(sigmas)
-    s_churn = _check_number(s_churn, "s_churn", low=0.0)
-    s_min = _check_number(s_min, "s_min")
-    s_max = float("inf") if s_max is None else _check_number(s_max, "s_max", low=s_min)
-    s_noise = _check_number(s_noise, "s_noise", low=0.0)
-    plan = _plan(grid, solver, s_churn, s_min, s_max, s_noise)
-    if plan["churn"] and key is None:
+    rows, churn = integration_plan(
+        sigmas, solver, s_churn=s_churn, s_min=s_min, s_max=s_max, s_noise=s_noise
+    )
+    if churn and key is None:
         raise ValueError("A churned chain (s_churn > 0 within [s_min, s_max]) needs a key.")
     x = jnp.asarray(x, jnp.float32)
-    batch = x.shape[0]
-    xs = {k: jnp.asarray(v) for k, v in plan.items() if k != "churn"}
-    xs = {k: v.astype(jnp.float32) if v.dtype == jnp.float64 else v for k, v in xs.items()}
 
     def body(carry, row):
-        x, x_hat, d = carry
-        corr = row["corrector"]
-        if plan["churn"]:
-            eps = jax.random.normal(jax.random.fold_in(key, row["step"]), x.shape, jnp.float32)
-            x_pred = x + row["churn_std"] * eps
-        else:
-            x_pred = x
-        x_in = jnp.where(corr, x, x_pred)
-        s_in = jnp.where(corr, row["sigma_next"], row["sigma_hat"])
-        denoised = denoise_fn(x_in, jnp.full((batch,), s_in, jnp.float32)).astype(jnp.float32)
-        d_now = (x_in - denoised) / s_in
-        base = jnp.where(corr, x_hat, x_in)
-        slope = jnp.where(corr, 0.5 * d + 0.5 * d_now, d_now)
-        x_next = base + (row["sigma_next"] - row["sigma_hat"]) * slope
-        carry = (x_next, base, jnp.where(corr, d, d_now))
-        return carry, (x_next if return_steps else None)
+        carry = integration_step(denoise_fn, carry, row, key, churn=churn)
+        return carry, (carry[0] if return_steps else None)
 
-    (x, _, _), steps = jax.lax.scan(body, (x, x, jnp.zeros_like(x)), xs)
+    (x, _, _), steps = jax.lax.scan(body, (x, x, jnp.zeros_like(x)), rows)
     return (x, steps) if return_steps else x
 
 

@@ -286,3 +286,18 @@ def test_restart_measurements_run_the_users_commands_with_one_cache(tmp_path):
     for name in ("sampler_first", "sampler_second"):
         assert 0 < runs[name]["load_s"] < runs[name]["first_images_s"] <= runs[name]["wall_s"]
     assert (workdir / "eval" / "bpd_step2.json").exists()
+
+
+def test_the_formulations_part_times_the_ddpm_and_edm_steps_of_one_u_net():
+    settings = bench.BenchSettings(batch_size=8, steps=1, repeats=2, warmup=1,
+                                   parts=("formulations",))  # fmt: skip
+    results = bench.run(_config(), settings, config_name="configs/tiny.py")
+    part = results["formulations"]
+    for formulation in ("ddpm", "edm"):
+        _check_common(part[formulation])
+    assert _positive_finite(part["edm_over_ddpm_step_s"])
+    # The same network: XLA counts the same work, but for the elementwise preconditioning.
+    flops = [part[f]["flops_per_image"] for f in ("ddpm", "edm")]
+    assert flops[1] == pytest.approx(flops[0], rel=0.01)
+    assert "EDM / DDPM step time" in bench.format_table(results)
+    assert results["jax"] is None

@@ -97,7 +97,7 @@ BAD = [
     (_set("optim.grad_clip_norm", -1.0), "optim.grad_clip_norm", "> 0"),
     (_set("optim.ema_decay", 1.0), "optim.ema_decay", "< 1"),
     (_set("optim.ema_warmup", 2), "optim.ema_warmup", "True or False"),
-    (_set("sampling.sampler", "euler"), "sampling.sampler", "'ancestral'"),
+    (_set("sampling.sampler", "euler_a"), "sampling.sampler", "'ancestral'"),
     (_set("sampling.num_steps", -1), "sampling.num_steps", ">= 0"),
     (_set("sampling.num_steps", 101), "sampling.num_steps", "num_timesteps = 100"),
     (_set("sampling.eta", 0.5), "sampling.eta", "DDIM sampler only"),
@@ -160,6 +160,58 @@ BAD += [
     (_set("data.image_key", ""), "data.image_key", "non-empty string"),
     (_set("data.label_key", 3), "data.label_key", "non-empty string or None"),
 ]
+
+
+def _edits(*changes, edm=False):
+    """Several `_set`s in one edit; `edm`: an EDM model sampled with heun first."""
+
+    def edit(d):
+        if edm:
+            d["diffusion"]["formulation"], d["sampling"]["sampler"] = "edm", "heun"
+        for path, value in changes:
+            _set(path, value)(d)
+
+    return edit
+
+
+DDPM_ONLY = "applies to config.diffusion.formulation = 'ddpm' only"
+# The EDM formulation, its samplers, zero terminal SNR, the half-life EMA.
+# fmt: off
+BAD += [
+    (_set("diffusion.formulation", "karras"), "diffusion.formulation", "'ddpm', 'edm'"),
+    (_edits(("diffusion.weighting", "elbo"), edm=True), "diffusion.weighting", DDPM_ONLY),
+    (_edits(("diffusion.timestep_proposal", "loss_aware"), edm=True),
+     "diffusion.timestep_proposal", DDPM_ONLY),
+    (_edits(("diffusion.parameterization", "eps"), edm=True),
+     "diffusion.parameterization", DDPM_ONLY),
+    (_edits(("diffusion.variance", "learned_range"), edm=True), "diffusion.variance",
+     "a learned variance applies to config.diffusion.formulation = 'ddpm' only"),
+    (_set("diffusion.formulation", "edm"), "sampling.sampler",
+     "'ancestral': works for DDPM models only; an EDM model"),
+    (_edits(("diffusion.rescale_zero_terminal_snr", True), ("diffusion.parameterization", "eps")),
+     "diffusion.rescale_zero_terminal_snr", "'v' or 'x0', not 'eps'"),
+    (_set("diffusion.rescale_zero_terminal_snr", 1), "diffusion.rescale_zero_terminal_snr",
+     "True or False"),
+    (_set("edm.sigma_data", 0.0), "edm.sigma_data", "> 0"),
+    (_set("edm.p_std", -1.0), "edm.p_std", "> 0"),
+    (_set("edm.p_mean", math.nan), "edm.p_mean", "finite"),
+    (_set("training.label_dropout", 1.0), "training.label_dropout", "< 1"),
+    (_set("optim.grad_clip_norm", 0.0), "optim.grad_clip_norm", "> 0 or None"),
+    (_set("optim.ema_halflife_kimg", 0.0), "optim.ema_halflife_kimg", "> 0 or None"),
+    (_set("optim.ema_rampup_ratio", 0.05), "optim.ema_rampup_ratio", "ema_halflife_kimg is None"),
+    (_set("sampling.s_churn", 40.0), "sampling.s_churn", "'heun' and 'euler' only"),
+    (_set("sampling.sigma_min", 0.01), "sampling.sigma_min", "'heun' and 'euler' only"),
+    (_edits(("sampling.sampler", "euler"), ("sampling.sigma_min", 0.0)), "sampling.sigma_min",
+     "> 0 or None"),
+    (_edits(("sampling.sigma_min", 1.0), ("sampling.sigma_max", 0.5), edm=True),
+     "sampling.sigma_min", "<= config.sampling.sigma_max = 0.5"),
+    (_edits(("sampling.s_min", 1.0), ("sampling.s_max", 0.5), edm=True), "sampling.s_max",
+     "number >= 1"),
+    (_edits(("sampling.rho", 0.0), edm=True), "sampling.rho", "> 0"),
+    (_edits(("sampling.sampler", "heun"), ("sampling.sigma_max", 1e4)), "sampling.sigma_max",
+     "within this DDPM model's σ_t range"),
+]
+# fmt: on
 
 
 def test_there_are_at_least_fifty_distinct_bad_configs():

@@ -15,6 +15,7 @@ GROUP_VIEWS = {
     "data": (DataConfig, ()),
     "model": (ModelConfig, ("image_size", "in_channels")),
     "diffusion": (views.DiffusionConfig, ()),
+    "edm": (views.EDMConfig, ()),
     "training": (views.TrainingConfig, ()),
     "optim": (views.OptimConfig, ()),
     "sampling": (views.SamplingConfig, ()),

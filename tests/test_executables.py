@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from ddpm_jax.experiment import ExperimentConfig
-from ddpm_jax.experiment import programs
+from ddpm_jax.experiment import ExperimentConfig, programs
 from ddpm_jax.runtime import executables, program_keys
 from ddpm_jax.runtime.startup import StartupTimer, TimedFirst
 
@@ -283,8 +282,8 @@ def test_training_resumes_with_its_programs_from_the_cache(tmp_path):
     cache.wait()
     timer = StartupTimer(str(tmp_path / "startup.json"))
     config.training.num_train_steps = 2
-    state = loop.train(config, str(tmp_path / "w"), timer=timer,
-                       executable_cache=executables.ExecutableCache(str(tmp_path / "cache")))  # fmt: skip
+    cache = executables.ExecutableCache(str(tmp_path / "cache"))
+    state = loop.train(config, str(tmp_path / "w"), timer=timer, executable_cache=cache)
     assert int(state.step) == 2
     assert {k: v["source"] for k, v in timer.programs.items()} == {
         "train_step": "cache", "bpd_estimate": "cache"}  # fmt: skip

@@ -124,7 +124,7 @@ def test_bad_requests_raise_clear_errors(run, sampler):
     with pytest.raises(ValueError, match="num_images"):
         sampler.sample(0)
     with pytest.raises(ValueError, match="sampler"):
-        sampler.sample(2, sampler="euler")
+        sampler.sample(2, sampler="euler_a")
     with pytest.raises(ValueError, match="eta"):
         sampler.sample(2, eta=0.5)
     with pytest.raises(ValueError, match="num_steps"):
@@ -149,7 +149,9 @@ def test_overrides_and_ddim(run):
     sampler = ddpm_jax.load_sampler(
         run[1], config_overrides={"sampling.sampler": "ddim", "sampling.num_steps": 4}
     )
-    assert sampler.options() == SamplingOptions("ddim", 4, 0.0, 1.0, 2, "endpoints")
+    assert sampler.options() == SamplingOptions(
+        "ddim", 4, 0.0, 1.0, 2, "endpoints", None, None, 7.0, 0.0, 0.0, None, 1.0
+    )
     images = sampler.sample(3, seed=0)
     assert images.shape == (3, 8, 8, 1)
     np.testing.assert_array_equal(images, sampler.sample(3, seed=0))  # η = 0: deterministic

@@ -15,7 +15,8 @@ image from XLA's cost analysis, achieved FLOP/s and MFU; peak memory. `--referen
 runs the same U-Net in PyTorch (diffusers' `UNet2DModel`, `pip install ddpm_jax[bench]`) in
 the same process with the same batch, dtype and steps, and prints ddpm_jax / reference.
 Any `--config.group.field=value` overrides the config (e.g. the compute dtype). The parts
-that measure no model (`--parts=sampler_accuracy,input`) need no `--config`.
+that measure no model (`--parts=sampler_accuracy,input`) need no `--config`;
+`--parts=formulations` times the config's train step as a DDPM and as an EDM model.
 
 Like `ddpm_jax.main`, this sets the project's XLA CPU defaults before JAX starts its backend;
 `--noxla_cpu_defaults` measures without them. It runs as `python -m ddpm_jax.bench` or
@@ -62,7 +63,7 @@ def main(argv):
 
     config, config_name = FLAGS.config, ""
     if config is None:  # the oracle and input parts measure no model of a config.
-        model_parts = [p for p in FLAGS.parts if p in common.MODEL_PARTS]
+        model_parts = [p for p in FLAGS.parts if p in common.CONFIG_PARTS]
         if model_parts:
             cli.fail(f"--parts={','.join(model_parts)} measures a model: give its config, "
                      "e.g. --config=configs/cifar10.py.")  # fmt: skip

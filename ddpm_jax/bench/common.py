@@ -28,8 +28,11 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 # Parts that time the config's U-Net (and can be compared with the torch reference).
 MODEL_PARTS = ("train", "forward", "sampling")
 # sampler_accuracy: samplers against exact oracles (bench/sampler_accuracy.py); input: the
-# input pipeline's images/s of every data source (bench/input_bench.py).
-PARTS = (*MODEL_PARTS, "sampler_accuracy", "input")
+# input pipeline's images/s of every data source (bench/input_bench.py); formulations: the
+# config's train step as DDPM and as EDM (bench/formulations.py).
+PARTS = (*MODEL_PARTS, "sampler_accuracy", "formulations", "input")
+# Parts that measure the config's model although they are not compared with the reference.
+CONFIG_PARTS = (*MODEL_PARTS, "formulations")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +52,7 @@ class BenchSettings:
         compile time does not grow with the number of steps; () means (sample_steps, T).
       peak_tflops: peak TFLOP/s per device for MFU; None: look the device kind up in
         `PEAK_TFLOPS` (MFU is reported as None when neither gives a peak).
-      parts: which of `PARTS` to measure (default: all but "input").
+      parts: which of `PARTS` to measure (default: all but "formulations" and "input").
       seed: seed of the random inputs and parameters.
     """
 
@@ -62,7 +65,8 @@ class BenchSettings:
     sample_spacing: str = "endpoints"
     compile_sample_steps: tuple[int, ...] = ()
     peak_tflops: float | None = None
-    parts: tuple[str, ...] = PARTS[:-1]  # "input" (minutes of data generation) only by name.
+    # "input" (minutes of data generation) and "formulations" only by name.
+    parts: tuple[str, ...] = (*MODEL_PARTS, "sampler_accuracy")
     seed: int = 0
 
     def __post_init__(self):

@@ -91,6 +91,10 @@ def run(
         results["sampler_accuracy"] = sampler_accuracy.measure(
             config, settings.batch_size, settings.repeats
         )
+    if "formulations" in settings.parts:
+        from ddpm_jax.bench import formulations
+
+        results["formulations"] = formulations.measure(config, settings)
     if "input" in settings.parts:
         from ddpm_jax.bench import input_bench
 
@@ -168,6 +172,10 @@ def format_table(results: dict[str, Any]) -> str:
         from ddpm_jax.bench import sampler_accuracy
 
         parts.append(sampler_accuracy.format_table(results["sampler_accuracy"]))
+    if "formulations" in results:
+        from ddpm_jax.bench import formulations
+
+        parts.append(formulations.format_table(results["formulations"]))
     if "input" in results:
         from ddpm_jax.bench import input_bench
 

@@ -1,13 +1,19 @@
-"""`--mode=eval`: the likelihood bound in bits/dim over a split, and FID, of a workdir.
+"""`--mode=eval`: the likelihood(s) over a split and ADM's sample metrics of a workdir's model.
 
     ddpm-jax eval --workdir=workdirs/digits \
-        [--config.eval.inception_weights=/path/fid_inception_v3.npz]
+        [--config.eval.inception_weights=/path/fid_inception_v3.npz] \
+        [--config.eval.likelihood=both] [--config.eval.fid_seeds="(0, 1, 2)"]
 
-Both use the EMA parameters of the newest checkpoint. Results go to
-`<workdir>/eval/bpd_step<step>.json` (written after the bits/dim pass, then again with FID;
-the per-t mean curve of the bound in `..._terms.npz`) and to the eval metrics
-(`<workdir>/eval/metrics.jsonl`, TensorBoard). The Inception weights are checked before the
-bits/dim pass, so that bad weights fail in seconds.
+The likelihood of `config.eval.likelihood` ("bound": the full T-step bound, `bpd`; "ode": the
+probability-flow ODE, `likelihood`; "both"; None: "bound" for DDPM models, "ode" for EDM
+ones), then, when Inception weights are configured, FID, sFID, IS, precision and recall of
+`config.eval.fid_num_samples` samples per seed (`fid_score`). All use the EMA parameters of
+the newest checkpoint. Results go to `<workdir>/eval/bpd_step<step>.json` (written after each
+likelihood pass, then again with the sample metrics; the per-t mean curve of the bound in
+`..._terms.npz`, each example's ODE bits/dim and solver steps in `..._ode.npz`) and to the
+eval metrics (`<workdir>/eval/metrics.jsonl`, TensorBoard); the JSON's "protocol" says how
+every number was made. The Inception weights and the reference file are checked before the
+likelihood pass, so that bad ones fail in seconds.
 """
 
 from __future__ import annotations
@@ -24,11 +30,38 @@ import ml_collections
 from ddpm_jax import files
 from ddpm_jax.evaluation import bpd as bpd_lib
 from ddpm_jax.evaluation import fid_score as fid_lib
-from ddpm_jax.experiment import changes
+from ddpm_jax.evaluation import likelihood as ode_lib
+from ddpm_jax.evaluation import references
+from ddpm_jax.experiment import changes, eval_protocol
 from ddpm_jax.inference.trained_model import TrainedModel
 from ddpm_jax.runtime import metrics
 from ddpm_jax.runtime import workdir as wd
 from ddpm_jax.runtime.checkpointing import named_emas
+
+
+def _bound(model: TrainedModel) -> tuple[dict[str, Any], Any]:
+    start = time.perf_counter()
+    bpd = bpd_lib.split_bits_per_dim(model)
+    seconds = time.perf_counter() - start
+    T = model.sched.num_timesteps
+    logging.info(
+        "Step %d: %.4f bits/dim (bound) on %s (%d examples; L_0 %.4f, sum L_t %.4f, L_T %.4g; "
+        "%.0f s).", model.step, bpd.total, model.config.eval.split, bpd.num_examples,
+        bpd.decoder, bpd.diffusion, bpd.prior, seconds,
+    )  # fmt: skip
+    cost = {"bpd_network_evaluations": T * bpd.num_examples, "bpd_seconds": seconds}
+    return {"num_examples": bpd.num_examples, **bpd.scalars(), **cost}, bpd
+
+
+def _ode(model: TrainedModel) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    ode = ode_lib.split_ode_bits_per_dim(model)
+    logging.info(
+        "Step %d: %.4f ± %.4f bits/dim (ODE, %s dequantization, sigma_min %.4g) on %s (%d "
+        "examples; %d network evaluations, %.0f s).", model.step, ode.bpd, ode.bpd_sem,
+        ode.options["bins"], ode.options["sigma_min"], model.config.eval.split,
+        ode.num_examples, ode.network_evaluations, ode.seconds,
+    )  # fmt: skip
+    return ode.scalars(), ode.record(model.image_shape), ode
 
 
 def evaluate(
@@ -37,7 +70,7 @@ def evaluate(
     *,
     config_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`--mode=eval`: bits/dim over `config.eval.split` and FID of the newest checkpoint.
+    """`--mode=eval`: the likelihood(s) over `config.eval.split` and the sample metrics.
 
     Args:
       config: the command-line config; the model, data and schedule come from
@@ -47,42 +80,68 @@ def evaluate(
         `experiment.changes.run_config`), e.g. `{"diffusion.variance": "fixedsmall"}`.
 
     Returns:
-      {"step", "split", "num_examples", "bpd", "bpd_decoder_L0", "bpd_diffusion_sum_Lt",
-      "bpd_prior_LT", "conditional", "variance", "clip_denoised", "ema"} plus {"fid",
-      "fid_num_samples", "fid_reference"} or {"fid_skipped"}; also written to
-      `<workdir>/eval/bpd_step<step>.json` (`bpd_step<step>_<name>.json` for the post-hoc
-      EMA of `config.eval.ema`) by process 0.
+      {"step", "split", "num_examples", "conditional", "variance", "clip_denoised",
+      "likelihood", "ema"}; with the bound "bpd", "bpd_decoder_L0", "bpd_diffusion_sum_Lt",
+      "bpd_prior_LT", "bpd_network_evaluations", "bpd_seconds"; with the ODE "ode_bpd",
+      "ode_bpd_sem", "ode_num_examples", "ode_network_evaluations", "ode_solver_steps_mean",
+      "ode_seconds"; the sample metrics of `fid_score.fid_score` (or {"fid_skipped"}); and
+      "protocol": the checkpoint step, the EMA, the likelihoods' settings (the ODE's
+      dequantization, σ_min, σ_max, trace, solver) and the samples' (number, seeds, sampler
+      and its steps, reference with its file and SHA-256, Inception file). Also written to
+      `<workdir>/eval/bpd_step<step>.json` (`bpd_step<step>_<name>.json` for a named EMA)
+      by process 0.
     """
     workdir = files.resolve_path(workdir)
     model = TrainedModel.from_config(changes.run_config(config, workdir, config_overrides), workdir)
     cfg, step = model.config, model.step
     cfg.check_devices(model.mesh.devices.size, jax.process_count(), mode="eval")
-    weights = fid_lib.load_weights(cfg)  # bad weights fail now, not after the bound.
-    start = time.perf_counter()
-    bpd = bpd_lib.split_bits_per_dim(model)
+    formulation = eval_protocol.formulation(cfg)
+    kinds = eval_protocol.likelihoods(cfg.eval, formulation)
+    weights = fid_lib.load_weights(cfg)  # bad weights fail now, not after the likelihood.
+    ref_file = references.open_reference_file(cfg) if weights[0] is not None else None
     results: dict[str, Any] = {
         "step": step,
         "split": cfg.eval.split,
-        "num_examples": bpd.num_examples,
-        **bpd.scalars(),
         "conditional": model.num_classes > 0,
         "variance": model.reverse.variance,
         "clip_denoised": model.reverse.clip_denoised,
-        "ema": model.ema,  # "ema_params", or the post-hoc EMA of config.eval.ema.
+        "likelihood": list(kinds),
+        "ema": model.ema,
     }
-    logging.info(
-        "Step %d: %.4f bits/dim on %s (%d examples; L_0 %.4f, sum L_t %.4f, L_T %.4g; %.0f s).",
-        step, bpd.total, cfg.eval.split, bpd.num_examples, bpd.decoder, bpd.diffusion,
-        bpd.prior, time.perf_counter() - start,
-    )  # fmt: skip
+    protocol: dict[str, Any] = {
+        "checkpoint_step": step,
+        "ema": model.ema,
+        "formulation": formulation,
+        "likelihood": {"kinds": list(kinds), "split": cfg.eval.split},
+    }
+    results["protocol"] = protocol
     named = "" if model.ema == named_emas.DEFAULT_EMA else f"_{model.ema}"
     stem = os.path.join(workdir, wd.EVAL_SUBDIR, f"bpd_step{step}{named}")
-    if jax.process_index() == 0:
+    is_main = jax.process_index() == 0
+    if is_main:
         os.makedirs(os.path.dirname(stem), exist_ok=True)
-        files.save_npz(stem + "_terms.npz", terms=bpd.terms)
-        files.write_json(stem + ".json", results)  # kept even if FID fails.
-    results.update(fid_lib.fid_score(model, weights))
-    if jax.process_index() == 0:
+    if "bound" in kinds:
+        scalars, bpd = _bound(model)
+        results.update(scalars)
+        protocol["likelihood"]["bound"] = {
+            "timesteps": model.sched.num_timesteps,
+            "key": "fold_in(stream_key(training.seed, EVAL_BPD), example index)",
+        }
+        if is_main:
+            files.save_npz(stem + "_terms.npz", terms=bpd.terms)
+            files.write_json(stem + ".json", results)  # kept if what follows fails.
+    if "ode" in kinds:
+        scalars, record, ode = _ode(model)
+        results.setdefault("num_examples", scalars["ode_num_examples"])
+        results.update(scalars)
+        protocol["likelihood"]["ode"] = record
+        if is_main:
+            files.save_npz(stem + "_ode.npz", bpd=ode.per_example, steps=ode.steps)
+            files.write_json(stem + ".json", results)
+    samples = fid_lib.fid_score(model, weights, ref_file)
+    protocol["samples"] = samples.pop("sample_protocol", None)
+    results.update(samples)
+    if is_main:
         files.write_json(stem + ".json", results)
         writer = metrics.MetricWriter(os.path.dirname(stem))
         writer.write_scalars(step, {k: v for k, v in results.items() if isinstance(v, float)})

@@ -1,140 +1,39 @@
-"""FID of a workdir's model: its samples against the training split, in Inception features.
+"""FID and the rest of ADM's sample metrics (sFID, IS, precision, recall) of a workdir's model.
 
-Reference statistics of the training split (cached under `config.eval.fid_cache_dir`) against
-`config.eval.fid_num_samples` samples drawn as `--mode=sample` draws them (same seed: the same
-images), quantised to uint8 before the network as saved images would be.
+`config.eval.fid_num_samples` samples per seed of `config.eval.fid_seeds`, drawn as
+`--mode=sample` draws them and quantized to uint8 before the Inception as saved images would
+be, against the reference of `config.eval.fid_reference` (`references`); per-seed metrics in
+`sample_metrics`. Memory: the sample set's pool3 features and logits (611 MB at 50,000), the
+reference's pool3 features (410 MB at 50,000 images) and precision/recall's blocks of 5,000 ×
+5,000 distances (100 MB each); everything else is streamed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import fid
-from ddpm_jax.data import pipeline, sources
-from ddpm_jax.data.config import DataConfig
 from ddpm_jax.errors import ConfigError
-from ddpm_jax.experiment import ExperimentConfig
-from ddpm_jax.experiment.chain_program import raw_key
+from ddpm_jax.evaluation import features as feats
+from ddpm_jax.evaluation import references
+from ddpm_jax.evaluation import sample_metrics as sm
+from ddpm_jax.evaluation.references import reference_key
+from ddpm_jax.experiment import ExperimentConfig, eval_protocol
 from ddpm_jax.inference.trained_model import TrainedModel
 from ddpm_jax.runtime import sharding as shd
-from ddpm_jax.runtime.progress import Progress
 
-
-def inception_input(images: jax.Array) -> jax.Array:
-    """Float [B, H, W, C] in [-1, 1], C in {1, 3} -> the uint8 grid, back in [-1, 1], 3 channels."""
-    quantised = jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-    x = fid.images_from_uint8(quantised)
-    return jnp.tile(x, (1, 1, 1, 3)) if x.shape[-1] == 1 else x
-
-
-def make_fid_features_fn(variables: Any, mesh: jax.sharding.Mesh) -> Callable:
-    """`features(images sharded [B, H, W, C] in [-1, 1]) -> host float [B, D]`."""
-    features_fn = fid.make_feature_fn(shd.global_replicated(variables, mesh))
-    prepare = jax.jit(inception_input, out_shardings=shd.batch_sharding(mesh))
-    return lambda images: shd.global_to_host(features_fn(prepare(images)))
-
-
-def _update(stats: fid.FeatureStats | None, features: np.ndarray) -> fid.FeatureStats:
-    if stats is None:
-        stats = fid.init_feature_stats(features.shape[1])
-    return fid.update_feature_stats(stats, features)
-
-
-def reference_key(data_cfg: DataConfig, num_examples: int) -> str:
-    """The dataset part of a reference-statistics cache name.
-
-    A TFDS dataset is its catalog name. Any other source is named by the user, so two
-    folders may share a name (or keep the default "cifar10"): their key adds the source
-    and a digest of the path, the held-out fraction and the split's size, so that
-    statistics of one are never read for another, and a folder that gained or lost
-    files is measured again.
-    """
-    if data_cfg.source == "tfds":
-        return data_cfg.name
-    ident = "\0".join(
-        [data_cfg.source, str(data_cfg.path), repr(data_cfg.eval_fraction), str(num_examples)]
-    )
-    return f"{data_cfg.name}-{data_cfg.source}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
-
-
-def reference_statistics(
-    config: ExperimentConfig,
-    features_fn: Callable,
-    mesh: jax.sharding.Mesh,
-    fingerprint: str,
-    cache_dir: str,
-) -> tuple[os.PathLike, tuple[np.ndarray, np.ndarray] | None]:
-    """FID statistics of the training split, from the cache or computed and cached.
-
-    Uses the first `config.eval.fid_reference_examples` (0: all) of `config.data.split`.
-
-    Returns:
-      (path, (mu, sigma)) on process 0; other processes get (path, None).
-    """
-    data_cfg = config.data
-    info = sources.get_dataset_info(data_cfg, data_cfg.split, num_classes=0)
-    wanted = config.eval.fid_reference_examples
-    n = info.num_examples if wanted <= 0 else min(wanted, info.num_examples)
-    path = fid.reference_stats_path(
-        cache_dir,
-        reference_key(data_cfg, info.num_examples),
-        data_cfg.split,
-        data_cfg.image_size,
-        fingerprint,
-        0 if n == info.num_examples else n,
-    )
-    is_main = jax.process_index() == 0
-    if bool(shd.from_process_0(np.asarray(is_main and path.exists()))):
-        logging.info("FID reference statistics from %s.", path)
-        return path, fid.load_stats(path) if is_main else None
-    config.check_devices(mesh.devices.size, jax.process_count(), mode="eval")
-    data = pipeline.make_eval_data(
-        data_cfg,
-        num_classes=0,
-        global_batch_size=config.eval.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        split=data_cfg.split,
-        num_examples=n,
-    )
-    stats = None
-    bar = Progress(n, desc="FID reference statistics", unit="images")
-    for batch in data:
-        images, mask = shd.host_to_global((batch["image"], batch["mask"]), mesh)
-        valid = shd.global_to_host(mask)
-        stats = _update(stats, features_fn(images)[valid])
-        bar.update(int(valid.sum()))
-    bar.close()
-    mu, sigma = fid.mean_and_covariance(stats)
-    if is_main:
-        fid.save_stats(path, mu, sigma, n)
-        logging.info("FID reference statistics of %d images written to %s.", n, path)
-    return path, (mu, sigma)
-
-
-def sample_statistics(
-    model: TrainedModel, features_fn: Callable, num_samples: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the features of `num_samples` samples drawn with key PRNGKey(seed)."""
-    stats = None
-    for chunk in model.iter_chunks(num_samples, raw_key(seed, seed), progress=True):
-        stats = _update(stats, features_fn(chunk.images)[: chunk.num_valid])
-    return fid.mean_and_covariance(stats)
+__all__ = ["cache_dir", "fid_score", "load_weights", "reference_key"]
 
 
 def load_weights(config: ExperimentConfig) -> tuple[fid.InceptionWeights | None, str | None]:
     """The FID Inception weights of `config.eval`, checked now: (weights, None) or (None, why).
 
-    Called before the bits/dim pass, so that weights that are wrong (a SHA-256 mismatch, a
+    Called before the likelihood pass, so that weights that are wrong (a SHA-256 mismatch, a
     file of another format) fail in seconds rather than after it, and weights that cannot be
     had (not configured, not present, no network) are reported in one line.
 
@@ -159,35 +58,103 @@ def cache_dir(config: ExperimentConfig) -> str:
     return config.eval.fid_cache_dir or str(fid.download.default_cache_dir())
 
 
+def _logits_skipped(weights: fid.InceptionWeights) -> str | None:
+    try:
+        fid.require_logits_kernel(weights)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def fid_score(
-    model: TrainedModel, weights: tuple[fid.InceptionWeights | None, str | None] | None = None
+    model: TrainedModel,
+    weights: tuple[fid.InceptionWeights | None, str | None] | None = None,
+    ref_file: fid.ReferenceFile | None = None,
 ) -> dict[str, Any]:
-    """FID of `config.eval.fid_num_samples` samples against the training split.
+    """FID, sFID, IS, precision and recall of the samples of every seed against the reference.
 
     Args:
       model: the workdir's model (its config's `eval` and `sampling` groups are used).
       weights: `load_weights(model.config)`'s result, if already loaded.
+      ref_file: `references.open_reference_file(model.config)`, if already read.
 
     Returns:
-      {"fid", "fid_num_samples", "fid_reference"}, or {"fid_skipped": reason} (logged as
-      one "FID skipped: <reason>" line) when it cannot run.
+      The mean over seeds of each metric ("fid", "sfid", "inception_score",
+      "inception_score_split_std", "precision", "recall") with "<metric>_std", "_min", "_max",
+      "per_seed", "fid_num_samples", "fid_seeds", "fid_reference" (the statistics' file) and
+      "sample_protocol" (reference, sampler, seeds, splits, Inception file, warnings);
+      "<part>_skipped": why for a metric the weights or the reference cannot give; or only
+      {"fid_skipped": reason} (logged as one "FID skipped: <reason>" line) when none can run.
     """
     config = model.config
     weights, reason = load_weights(config) if weights is None else weights
     if weights is None:
         logging.warning("FID skipped: %s", reason)
         return {"fid_skipped": reason}
-    num = config.eval.fid_num_samples
+    num, mesh = config.eval.fid_num_samples, model.mesh
+    seeds = eval_protocol.seeds(config.eval, config.sampling.seed)
+    warning = sm.fid_warning(num)
+    if warning:
+        logging.warning("%s.", warning)
     start = time.perf_counter()
-    features_fn = make_fid_features_fn(weights.variables, model.mesh)
-    ref_path, ref = reference_statistics(
-        config, features_fn, model.mesh, weights.fingerprint, cache_dir(config)
+    ref = references.reference(
+        config,
+        feats.make_features(weights, mesh, ("pool", "spatial")),
+        mesh,
+        weights,
+        cache_dir(config),
+        ref_file,
     )
-    mu, sigma = sample_statistics(model, features_fn, num, config.sampling.seed)
-    score = fid.frechet_distance(mu, sigma, *ref) if ref is not None else 0.0
-    score = float(shd.from_process_0(np.asarray(score, np.float64)))
+    skipped = dict(ref.skipped)
+    logits_reason = _logits_skipped(weights)
+    if logits_reason:
+        skipped["inception_score"] = logits_reason
+    for part, why in skipped.items():
+        logging.warning("%s skipped: %s", part, why)
+    outputs = ("pool", "spatial") + (() if logits_reason else ("logits",))
+    features_fn = feats.make_features(weights, mesh, outputs)
+    kept = sm.kept_outputs(skipped)
+    is_main = jax.process_index() == 0
+    reference_seconds = time.perf_counter() - start
+    per_seed, cost = [], []
+    for seed in seeds:
+        seed_start = time.perf_counter()
+        samples = sm.sample_features(model, features_fn, num, seed, kept)
+        logging.info("Kept features of %d samples: %s.", num, feats.describe_bytes(samples.nbytes))
+        row = sm.seed_metrics(samples, ref, skipped) if is_main else dict.fromkeys(sm.METRICS, 0.0)
+        values = shd.from_process_0(np.asarray([row[m] for m in sm.METRICS], np.float64))
+        row = dict(zip(sm.METRICS, map(float, values), strict=True))
+        sm.log_seed(seed, num, row, time.perf_counter() - seed_start)
+        per_seed.append(row)
+        cost.append({"seed": seed, "kept_feature_bytes": samples.nbytes, **samples.seconds})
+    results = sm.summarize(seeds, per_seed, skipped)
     logging.info(
-        "FID %.4g of %d samples at step %d (%.0f s).",
-        score, num, model.step, time.perf_counter() - start,
+        "FID %.4g (%d seed(s), %d samples each) at step %d (%.0f s).",
+        results["fid"], len(seeds), num, model.step, time.perf_counter() - start,
     )  # fmt: skip
-    return {"fid": score, "fid_num_samples": num, "fid_reference": str(ref_path)}
+    protocol = {
+        "num_samples": num,
+        "seeds": list(seeds),
+        "sampler": sm.sampler_record(model),
+        "quantization": "uint8, as saved images",
+        "reference": ref.record,
+        "inception": {
+            "file": str(weights.path),
+            "fingerprint": weights.fingerprint,
+            "logits_layer": logits_reason is None,
+        },
+        "inception_score_splits": sm.inception_score_splits(num),
+        "inception_score_split_size": sm.IS_SPLIT_SIZE,
+        "precision_recall_k": references.PR_K,
+        "sfid_features": f"{fid.SPATIAL_BLOCK}.branch1x1, first 7 channels ({fid.SPATIAL_DIM})",
+        "warnings": [warning] if warning else [],
+        "seconds": {"reference": reference_seconds, "per_seed": cost},
+    }
+    return {
+        **results,
+        **{f"{part}_skipped": why for part, why in skipped.items()},
+        "fid_num_samples": num,
+        "fid_seeds": list(seeds),
+        "fid_reference": ref.record["file"],
+        "sample_protocol": protocol,
+    }

@@ -7,8 +7,9 @@
 """
 
 from ddpm_jax.experiment.build import Experiment, make_model_fn
-from ddpm_jax.experiment.config import ExperimentConfig, ReverseProcess, SamplingOptions
+from ddpm_jax.experiment.config import ExperimentConfig, ReverseProcess
 from ddpm_jax.experiment.keys import Stream, stream_key
+from ddpm_jax.experiment.sampling_config import SamplingOptions
 
 __all__ = [
     "Experiment",

@@ -17,9 +17,12 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddpm_jax import edm, edm_discrete, models, schedules
+from ddpm_jax.experiment import edm_config
 from ddpm_jax.experiment.config import ExperimentConfig, ReverseProcess
+from ddpm_jax.experiment.sampling_config import SamplingOptions
 from ddpm_jax.runtime import sharding as shd
 
 PyTree = Any
@@ -61,6 +64,11 @@ class Experiment:
         return self.config.image_shape
 
     @property
+    def is_edm(self) -> bool:
+        """True for an EDM model (`config.diffusion.formulation = "edm"`)."""
+        return self.config.diffusion.formulation == "edm"
+
+    @property
     def num_classes(self) -> int:
         """Classes of a class-conditional model; 0 if unconditional."""
         return self.config.model.num_classes
@@ -83,6 +91,9 @@ class Experiment:
 
     def model_fn(self, params: PyTree, labels: jax.Array | None = None, **apply_kwargs) -> Callable:
         """The network with `params` as `model_fn(x_t, t) -> prediction`.
+
+        An EDM model's network is the raw F of `edm.precondition`: `model_fn(c_in x, c_noise)`
+        with c_noise = ¼ ln σ float32 [B] in place of t (`denoiser` is D(x; σ)).
 
         Args:
           params: the parameters.
@@ -107,20 +118,32 @@ class Experiment:
         [B]), for the samplers and the likelihood written in that convention (`ddpm_jax.edm`,
         `likelihood.ode_log_likelihood`).
 
-        A DDPM network is queried in the x/√ᾱ scaling at the fractional timestep of σ
-        (`edm_discrete.denoiser`). Arguments as `model_fn`.
+        An EDM network is preconditioned (`edm.precondition` with `config.edm.sigma_data`:
+        its time embedding takes c_noise = ¼ ln σ); a DDPM network is queried in the x/√ᾱ
+        scaling at the fractional timestep of σ (`edm_discrete.denoiser`). Arguments as
+        `model_fn`.
         """
+        model_fn = self.model_fn(params, labels, **apply_kwargs)
+        if self.is_edm:
+            return edm.precondition(model_fn, self.config.edm.sigma_data)
         r = self.reverse
         return edm_discrete.denoiser(
-            self.model_fn(params, labels, **apply_kwargs),
-            self.schedule,
-            parameterization=r.parameterization,
-            variance=r.variance,
+            model_fn, self.schedule, parameterization=r.parameterization, variance=r.variance
         )
 
     @property
     def sigma_range(self) -> tuple[float, float]:
-        """(σ_min, σ_max): the noise levels the network was trained between (DDPM: σ_t at
-        t = 0 and t = T - 1, as `edm_discrete.model_sigmas`)."""
-        sigmas = edm_discrete.model_sigmas(self.schedule)
-        return float(sigmas[0]), float(sigmas[-1])
+        """(σ_min, σ_max): the noise levels the samplers integrate between. DDPM: those the
+        network was trained between, σ_t at t = 0 and t = T - 1 (`edm_discrete.model_sigmas`);
+        EDM: `config.sampling.sigma_min`/`sigma_max` (None: EDM's 0.002 and 80)."""
+        if self.is_edm:
+            s = self.config.sampling
+            lo, hi = edm_config.EDM_SIGMA_RANGE
+            return (lo if s.sigma_min is None else s.sigma_min,
+                    hi if s.sigma_max is None else s.sigma_max)  # fmt: skip
+        return edm_config.ddpm_sigma_range(self.schedule)
+
+    def karras_grid(self, options: SamplingOptions) -> np.ndarray:
+        """The σ grid [N + 1] (ending at 0) of a heun/euler chain with `options`: float64 for an
+        EDM model (as `edm.sample`), float32 for a DDPM one (as `edm_discrete.sample`)."""
+        return edm_config.karras_grid(options, self.config.diffusion, self.schedule)

@@ -34,12 +34,18 @@ RUN_GROUPS = ("sampling", "eval", "mesh")
 # Fields of the trained groups that only say where things are on this machine.
 LOCAL_FIELDS = ("data.data_dir", "data.num_workers", "data.path")
 # What was trained: always taken from the workdir's config.json when sampling or evaluating.
-TRAINED_GROUPS = ("data", "model", "diffusion")
+TRAINED_GROUPS = ("data", "model", "diffusion", "edm")
 # Trained fields that a sampler may still change (the reverse-process variance is a sampling
 # choice in Ho et al.).
 SAMPLING_DIFFUSION_FIELDS = ("diffusion.variance", "diffusion.clip_denoised")
 # Config fields that hold paths (a URL or an absolute path after `resolve_config_paths`).
-PATH_FIELDS = ("data.data_dir", "data.path", "eval.inception_weights", "eval.fid_cache_dir")
+PATH_FIELDS = (
+    "data.data_dir",
+    "data.path",
+    "eval.inception_weights",
+    "eval.fid_cache_dir",
+    "eval.reference_file",
+)
 
 # On resume, a change of these is refused unless training.allow_config_change = True: they
 # define the network and the data it was trained on, or the data order and the random
@@ -67,6 +73,11 @@ RESUME_REFUSED = (
     "diffusion.beta_end",
     "diffusion.parameterization",
     "diffusion.timestep_proposal",
+    "diffusion.formulation",
+    "diffusion.rescale_zero_terminal_snr",
+    "edm.sigma_data",
+    "edm.p_mean",
+    "edm.p_std",
     "training.batch_size",
     "training.seed",
     # The power EMAs in the train state: one that was not tracked from step 1 has no history.
@@ -76,7 +87,7 @@ RESUME_REFUSED = (
 # Every other field (run length, logging and saving cadence, sampling, evaluation, mesh,
 # where the data is) changes freely. All accepted changes are kept in config_history.jsonl.
 RESUME_WARNED_GROUPS = ("optim", "diffusion", "model", "data")
-RESUME_WARNED_FIELDS = ("training.grad_accum_steps",)
+RESUME_WARNED_FIELDS = ("training.grad_accum_steps", "training.label_dropout")
 
 # Fields of earlier versions, under their current names (None: the field was removed).
 RENAMED_FIELDS: dict[str, str | None] = {

@@ -24,16 +24,16 @@ from ddpm_jax import (
     fields,
     losses,
     posthoc_ema,
-    sampling,
     schedules,
-    solvers,
-    timesteps,
 )
 from ddpm_jax.data.config import DataConfig
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.experiment import edm_config, eval_protocol
+from ddpm_jax.experiment.edm_config import EDMConfig
+from ddpm_jax.experiment.sampling_config import SamplingConfig
 from ddpm_jax.models.config import ModelConfig
 
-GROUPS = ("data", "model", "diffusion", "training", "optim", "sampling", "eval", "mesh")
+GROUPS = ("data", "model", "diffusion", "edm", "training", "optim", "sampling", "eval", "mesh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,8 @@ class DiffusionConfig:
     clip_denoised: bool
     vlb_weight: float
     timestep_proposal: str
+    formulation: str
+    rescale_zero_terminal_snr: bool
 
     def __post_init__(self):
         fields.choice("diffusion.schedule", self.schedule, schedules.SCHEDULES)
@@ -111,6 +113,7 @@ class DiffusionConfig:
         fields.choice(
             "diffusion.timestep_proposal", self.timestep_proposal, ("uniform", "loss_aware")
         )
+        edm_config.check_diffusion(self)  # formulation, zero terminal SNR.
         try:
             self.betas()
         except ValueError as e:
@@ -131,10 +134,13 @@ class DiffusionConfig:
         return ReverseProcess(self.parameterization, self.variance, self.clip_denoised)
 
     def betas(self) -> np.ndarray:
-        """β_1..β_T, float64 [T]."""
-        return schedules.get_beta_schedule(
+        """β_1..β_T, float64 [T] (rescaled to ᾱ_T = 0 with `rescale_zero_terminal_snr`)."""
+        betas = schedules.get_beta_schedule(
             self.schedule, self.num_timesteps, beta_start=self.beta_start, beta_end=self.beta_end
         )
+        if self.rescale_zero_terminal_snr:
+            betas = schedules.rescale_zero_terminal_snr(betas)
+        return betas
 
     def make_schedule(self) -> schedules.Schedule:
         """The `Schedule` of this forward process."""
@@ -157,6 +163,7 @@ class TrainingConfig:
     seed: int
     resume_step: int | None
     allow_config_change: bool
+    label_dropout: float
 
     def __post_init__(self):
         fields.integer("training.batch_size", self.batch_size, 1)
@@ -173,6 +180,8 @@ class TrainingConfig:
         fields.integer("training.seed", self.seed, 0, 2**31 - 1)
         fields.integer("training.resume_step", self.resume_step, 0, none_ok=True)
         fields.boolean("training.allow_config_change", self.allow_config_change)
+        fields.number("training.label_dropout", self.label_dropout, 0.0, 1.0, high_open=True,
+                      hint=" Ho & Salimans: 0.1.")  # fmt: skip
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(
                 f"config.training.batch_size = {self.batch_size} is not divisible by "
@@ -195,11 +204,13 @@ class OptimConfig:
     b1: float
     b2: float
     eps: float
-    grad_clip_norm: float
+    grad_clip_norm: float | None
     ema_decay: float
     ema_warmup: bool
     ema_profiles: tuple[float, ...]
     ema_snapshot_every: int
+    ema_halflife_kimg: float | None
+    ema_rampup_ratio: float | None
 
     def __post_init__(self):
         fields.number("optim.learning_rate", self.learning_rate, 0.0, low_open=True,
@@ -208,10 +219,12 @@ class OptimConfig:
         fields.number("optim.b1", self.b1, 0.0, 1.0, high_open=True)
         fields.number("optim.b2", self.b2, 0.0, 1.0, high_open=True)
         fields.number("optim.eps", self.eps, 0.0, low_open=True)
-        fields.number("optim.grad_clip_norm", self.grad_clip_norm, 0.0, low_open=True)
+        fields.number("optim.grad_clip_norm", self.grad_clip_norm, 0.0, low_open=True,
+                      none_ok=True, hint=" None: no clipping.")  # fmt: skip
         fields.number("optim.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         fields.boolean("optim.ema_warmup", self.ema_warmup)
         self._check_ema_profiles()
+        edm_config.check_ema_halflife(self)
 
     def _check_ema_profiles(self) -> None:
         """Post-hoc EMA (`ddpm_jax.posthoc_ema`): σ_rel in (0, 1/√12], distinct; snapshots
@@ -236,117 +249,6 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingOptions:
-    """How to run the reverse chain (hashable: one compilation per distinct `program_key`).
-
-    Attributes:
-      sampler: one of `sampling.SAMPLERS`: "ancestral", "ddim", "dpm_solver++", "unipc".
-      num_steps: steps of the chain; 0 means all T.
-      eta: DDIM's η (0: deterministic); "ddim" only.
-      guidance_scale: classifier-free guidance w (1: the conditional model alone);
-        class-conditional models only.
-      order: 1, 2 or 3, the order of the multistep solvers ("dpm_solver++", "unipc"); the
-        other samplers take only the default, 2.
-      timestep_spacing: which `num_steps` timesteps are visited, one of
-        `timesteps.SPACINGS` ("endpoints", the default, keeps 0 and T-1).
-    """
-
-    sampler: str
-    num_steps: int
-    eta: float
-    guidance_scale: float
-    order: int
-    timestep_spacing: str
-
-    def __post_init__(self):
-        fields.choice("sampling.sampler", self.sampler, sampling.SAMPLERS)
-        fields.integer("sampling.num_steps", self.num_steps, 0, hint=" 0: all T steps.")
-        fields.number("sampling.eta", self.eta, 0.0, hint=" 0: deterministic DDIM.")
-        if self.eta != 0.0 and self.sampler != "ddim":
-            raise fields.fail(
-                "sampling.eta",
-                self.eta,
-                f"applies to the DDIM sampler only, but config.sampling.sampler = "
-                f"{self.sampler!r}; set eta to 0 or sampler to 'ddim'.",
-            )
-        fields.number("sampling.guidance_scale", self.guidance_scale, hint=" 1: no guidance.")
-        fields.integer("sampling.order", self.order, 1, solvers.MAX_ORDER)
-        if self.order != 2 and self.sampler not in solvers.SOLVERS:
-            raise fields.fail(
-                "sampling.order",
-                self.order,
-                f"applies to the multistep solvers {solvers.SOLVERS} only, but "
-                f"config.sampling.sampler = {self.sampler!r}; leave it at 2.",
-            )
-        fields.choice("sampling.timestep_spacing", self.timestep_spacing, timesteps.SPACINGS)
-
-    @property
-    def program_key(self) -> tuple:
-        """What a compiled chain depends on: not which timesteps it visits, only how many."""
-        return (self.sampler, self.num_steps, self.eta, self.guidance_scale, self.order)
-
-    def timesteps(self, diffusion: DiffusionConfig) -> np.ndarray:
-        """The timesteps the chain visits (all T when num_steps is 0), int64 [K], increasing."""
-        T = diffusion.num_timesteps
-        if self.num_steps == 0:
-            return np.arange(T)
-        try:
-            return timesteps.spaced_timesteps(
-                T, self.num_steps, self.timestep_spacing, np.cumprod(1.0 - diffusion.betas())
-            )
-        except ValueError as e:
-            raise ConfigError(
-                f"config.sampling.num_steps = {self.num_steps} with timestep_spacing = "
-                f"{self.timestep_spacing!r}: {e}"
-            ) from e
-
-    def check(self, diffusion: DiffusionConfig, num_classes: int) -> None:
-        """Raises `ConfigError` for options this model cannot sample with."""
-        if self.num_steps > diffusion.num_timesteps:
-            raise fields.fail(
-                "sampling.num_steps",
-                self.num_steps,
-                f"must be 0 (all steps) or at most config.diffusion.num_timesteps = "
-                f"{diffusion.num_timesteps}.",
-            )
-        self.timesteps(diffusion)
-        if self.guidance_scale != 1.0 and num_classes == 0:
-            raise ConfigError(
-                f"config.sampling.guidance_scale = {self.guidance_scale} needs a "
-                "class-conditional model (config.model.num_classes > 0); use 1.0."
-            )
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """The `config.sampling` group: the chain (`options`) and how many images, in what chunks."""
-
-    sampler: str
-    num_steps: int
-    eta: float
-    num_samples: int
-    batch_size: int
-    seed: int
-    guidance_scale: float
-    order: int
-    timestep_spacing: str
-
-    def __post_init__(self):
-        self.options  # noqa: B018  (checks the chain's fields)
-        fields.integer("sampling.num_samples", self.num_samples, 1)
-        fields.integer("sampling.batch_size", self.batch_size, 1)
-        fields.integer("sampling.seed", self.seed, 0, 2**31 - 1)
-
-    @property
-    def options(self) -> SamplingOptions:
-        """The chain's options (`dataclasses.replace` them to change one)."""
-        return SamplingOptions(
-            self.sampler, self.num_steps, self.eta, self.guidance_scale, self.order,
-            self.timestep_spacing,
-        )  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """The `config.eval` group: the bits/dim pass over a split and FID."""
 
@@ -360,6 +262,17 @@ class EvalConfig:
     fid_cache_dir: str | None
     fid_reference_examples: int
     ema: str | None
+    fid_seeds: tuple[int, ...] | None
+    fid_reference: str
+    reference_file: str | None
+    reference_sha256: str | None
+    likelihood: str | None
+    ode_trace: str
+    ode_num_probes: int
+    ode_solver: str
+    ode_rtol: float
+    ode_atol: float
+    ode_dequantization: str
 
     def __post_init__(self):
         fields.string("eval.split", self.split)
@@ -375,11 +288,12 @@ class EvalConfig:
         )
         fields.string("eval.fid_cache_dir", self.fid_cache_dir, none_ok=True)
         fields.integer("eval.fid_reference_examples", self.fid_reference_examples, 0,
-                       hint=" 0: the whole training split.")  # fmt: skip
+                       hint=" 0: the whole reference split.")  # fmt: skip
         fields.file_name(
             "eval.ema", self.ema, none_ok=True,
             hint=" None: the checkpoint's EMA; `ddpm-jax ema` names the others.",
         )  # fmt: skip
+        eval_protocol.check(self)  # seeds, reference, likelihood and ODE fields.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,6 +315,7 @@ class ExperimentConfig:
     data: DataConfig
     model: ModelConfig
     diffusion: DiffusionConfig
+    edm: EDMConfig
     training: TrainingConfig
     optim: OptimConfig
     sampling: SamplingConfig
@@ -428,6 +343,7 @@ class ExperimentConfig:
             data=data,
             model=model,
             diffusion=fields.view_of_group(DiffusionConfig, "diffusion", groups["diffusion"]),
+            edm=fields.view_of_group(EDMConfig, "edm", groups["edm"]),
             training=fields.view_of_group(TrainingConfig, "training", groups["training"]),
             optim=fields.view_of_group(OptimConfig, "optim", groups["optim"]),
             sampling=fields.view_of_group(SamplingConfig, "sampling", groups["sampling"]),
@@ -435,6 +351,7 @@ class ExperimentConfig:
             mesh=fields.view_of_group(MeshConfig, "mesh", groups["mesh"]),
         )
         view.sampling.options.check(view.diffusion, model.num_classes)
+        eval_protocol.likelihoods(view.eval, eval_protocol.formulation(view))
         learned = diffusion.is_learned(view.diffusion.variance)
         channels = 2 * data.channels if learned else data.channels
         if model.out_channels not in (None, channels):

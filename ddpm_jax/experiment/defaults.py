@@ -90,6 +90,22 @@ def get_config() -> ml_collections.ConfigDict:
     # sampling on the second moment of each t's last 10 losses, reweighted by 1/(T p_t):
     # unbiased).
     config.diffusion.timestep_proposal = "uniform"
+    # What is trained: "ddpm" (the discrete chain of this group's schedule) or "edm" (Karras
+    # et al. 2022: the U-Net preconditioned as a denoiser D(x; σ) over continuous σ, trained
+    # with config.edm's loss; sampled with sampling.sampler "heun" or "euler"). Under "edm"
+    # the DDPM-only fields keep their defaults: weighting, min_snr_gamma (unread), a fixed
+    # variance, vlb_weight 0, timestep_proposal "uniform", parameterization "x0",
+    # rescale_zero_terminal_snr False.
+    config.diffusion.formulation = "ddpm"
+    # Rescale the β schedule to zero terminal SNR, ᾱ_T = 0 (Lin et al. 2024): x_T is pure
+    # noise. Needs parameterization "v" or "x0" (ε cannot be predicted from pure noise).
+    config.diffusion.rescale_zero_terminal_snr = False
+
+    # The EDM formulation's trained fields (diffusion.formulation = "edm" only).
+    config.edm = ml_collections.ConfigDict()
+    config.edm.sigma_data = 0.5  # σ_d, the data's standard deviation, of the preconditioning.
+    config.edm.p_mean = -1.2  # training σ: ln σ ~ N(p_mean, p_std²).
+    config.edm.p_std = 1.2
 
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 128  # global batch, over all devices and processes.
@@ -108,6 +124,9 @@ def get_config() -> ml_collections.ConfigDict:
     # True: resume although a field that defines the model, its data or the random streams
     # changed (README, "Resuming"); such changes are recorded in config_history.jsonl.
     config.training.allow_config_change = False
+    # Class-conditional models: the fraction of training labels dropped to the null class,
+    # which trains the unconditional model of classifier-free guidance (Ho & Salimans: 0.1).
+    config.training.label_dropout = 0.1
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 2e-4
@@ -115,7 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.b1 = 0.9
     config.optim.b2 = 0.999
     config.optim.eps = 1e-8
-    config.optim.grad_clip_norm = 1.0
+    config.optim.grad_clip_norm = 1.0  # global-norm clipping of the gradient; None: none.
     config.optim.ema_decay = 0.9999
     # EMA decay at step s is min(ema_decay, (1 + s) / (10 + s)), so that the average forgets the
     # initial parameters (zero output layer) within a short run; at 0.9999 the two agree after
@@ -128,12 +147,21 @@ def get_config() -> ml_collections.ConfigDict:
     # Every this many steps (and at the last), the power EMAs are saved to ema_snapshots/ and
     # kept; `ddpm-jax ema` reconstructs any σ_rel from them after training. 0: no snapshots.
     config.optim.ema_snapshot_every = 0
+    # The EMA as a half-life in thousands of training images (EDM's form; ema_decay and
+    # ema_warmup are then unused): β = 0.5^(batch / max(h, 1e-8)) per step, h = 1000 ·
+    # ema_halflife_kimg images, or with ema_rampup_ratio r, h = min(h, r · images seen so
+    # far). None: the per-step ema_decay above. EDM's CIFAR-10: 500 and 0.05.
+    config.optim.ema_halflife_kimg = ml_collections.config_dict.placeholder(float)
+    config.optim.ema_rampup_ratio = ml_collections.config_dict.placeholder(float)
 
     config.sampling = ml_collections.ConfigDict()
     # "ancestral" (Ho et al.), "ddim" (Song et al.), or the multistep ODE solvers
-    # "dpm_solver++" (Lu et al.) and "unipc" (Zhao et al.), for chains of 10-20 steps.
+    # "dpm_solver++" (Lu et al.) and "unipc" (Zhao et al.), for chains of 10-20 steps (DDPM
+    # models only); "heun" and "euler": EDM's samplers on Karras σ's (Karras et al. 2022,
+    # Algorithm 2), for EDM models and for DDPM ones (in σ_t = √((1-ᾱ_t)/ᾱ_t)).
     config.sampling.sampler = "ancestral"
-    config.sampling.num_steps = 0  # 0: all T steps; fewer: a respaced chain of that many.
+    # 0: all T steps (heun/euler: EDM's 18); fewer: a respaced chain of that many.
+    config.sampling.num_steps = 0
     # Which num_steps timesteps: "endpoints" (keeps 0 and T-1), "even" (Nichol & Dhariwal),
     # "linspace", "leading", "trailing" (diffusers'), "logsnr" (even in log-SNR: the best
     # for the solvers at 10-20 steps). See ddpm_jax/timesteps.py.
@@ -145,6 +173,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling.seed = 42
     # Classifier-free guidance w (class-conditional models only): 1 is the conditional model.
     config.sampling.guidance_scale = 1.0
+    # "heun"/"euler": the Karras grid σ_i = (σ_max^(1/ρ) + i/(N-1) (σ_min^(1/ρ) -
+    # σ_max^(1/ρ)))^ρ, then 0. None: the model's range (EDM: 0.002 and 80; a DDPM model: its
+    # σ_t at t = 0 and T - 1, which a given value must lie within).
+    config.sampling.sigma_min = ml_collections.config_dict.placeholder(float)
+    config.sampling.sigma_max = ml_collections.config_dict.placeholder(float)
+    config.sampling.rho = 7.0
+    # "heun"/"euler": EDM's stochastic churn γ_i = min(s_churn / N, √2 - 1) on s_min <= σ_i
+    # <= s_max (None: ∞), with noise of std s_noise; s_churn = 0: the deterministic ODE.
+    config.sampling.s_churn = 0.0
+    config.sampling.s_min = 0.0
+    config.sampling.s_max = ml_collections.config_dict.placeholder(float)
+    config.sampling.s_noise = 1.0
 
     config.eval = ml_collections.ConfigDict()
     config.eval.split = "test"
@@ -156,7 +196,36 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.inception_sha256 = ml_collections.config_dict.placeholder(str)
     # FID reference statistics (and converted weights) cache; None: ~/.cache/ddpm_jax/fid.
     config.eval.fid_cache_dir = ml_collections.config_dict.placeholder(str)
-    config.eval.fid_reference_examples = 0  # training images for FID reference stats; 0: all.
+    # Images of the reference split ("train" or "test" below) for its statistics; 0: all.
+    config.eval.fid_reference_examples = 0
+    # The seeds of the sample sets of FID, sFID, IS, precision and recall: one set of
+    # fid_num_samples images per seed (key PRNGKey(seed), the images `--mode=sample` draws
+    # with that seed); each seed is reported, with the mean ± std and the minimum over seeds
+    # (EDM reports the minimum of 3). None: (sampling.seed,), one set.
+    config.eval.fid_seeds = ml_collections.config_dict.placeholder(tuple)
+    # What the samples are compared with: "train" (config.data.split: Ho et al.'s FID 3.17 is
+    # against the training set), "test" (config.eval.split) or "file" (eval.reference_file).
+    config.eval.fid_reference = "train"
+    # A published reference .npz, read as published (fid_reference = "file"): guided-diffusion's
+    # (ADM) batches (arr_0 uint8 images; mu, sigma, mu_s, sigma_s) or EDM's statistics (mu,
+    # sigma: FID only). Its SHA-256 is recorded, and checked against reference_sha256 if set.
+    config.eval.reference_file = ml_collections.config_dict.placeholder(str)
+    config.eval.reference_sha256 = ml_collections.config_dict.placeholder(str)
+    # The likelihood of --mode=eval: "bound" (the full T-step DDPM bound), "ode" (log p(x) by the
+    # probability-flow ODE, dequantized) or "both". None: "bound" for DDPM models, "ode" for EDM
+    # ones (which have no discrete bound).
+    config.eval.likelihood = ml_collections.config_dict.placeholder(str)
+    # The ODE likelihood: divergence "hutchinson" (Rademacher probes) or "exact" (dim JVPs per
+    # evaluation: small images only), probes per example, the adaptive solver ("dopri5" |
+    # "tsit5") and its tolerances (score_sde: 1e-5), and the uniform dequantization's bins:
+    # "score_sde" (width 2/256: bits/dim comparable with score_sde's tables) or "centred"
+    # (width 2/255 around the training grid). See ddpm_jax/likelihood/ode.py.
+    config.eval.ode_trace = "hutchinson"
+    config.eval.ode_num_probes = 1
+    config.eval.ode_solver = "dopri5"
+    config.eval.ode_rtol = 1e-5
+    config.eval.ode_atol = 1e-5
+    config.eval.ode_dequantization = "score_sde"
     # The parameters that sampling and evaluation use: None, the checkpoint's EMA (optim.
     # ema_decay); or the name of a post-hoc EMA that `ddpm-jax ema` wrote to <workdir>/emas/.
     config.eval.ema = ml_collections.config_dict.placeholder(str)

@@ -23,6 +23,7 @@ class Stream(enum.IntEnum):
     BPD_ESTIMATE = 2  # fold_in(., step): the bound estimate logged while training.
     SAMPLE_GRID = 3  # fold_in(., step): the sample grids written while training.
     EVAL_BPD = 4  # fold_in(., example index): the full bound of --mode=eval.
+    EVAL_ODE = 5  # fold_in(., example index): the ODE likelihood of --mode=eval.
 
 
 def stream_key(seed: int, stream: Stream) -> jax.Array:

@@ -200,6 +200,20 @@ class TrainedModel:
             fn = self._compiled["model_fn"] = lambda x_t, t: apply(self.params, x_t, t)
         return fn
 
+    @property
+    def denoiser(self) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        """The workdir's network as a denoiser, jitted: `(x, sigma) -> D(x; σ)`.
+
+        x: float32 [B, H, W, C] = x_0 + σ n; sigma: float32 [B] > 0; D: float32 like x
+        (`Experiment.denoiser`: EDM's preconditioned network, or a DDPM network queried at the
+        fractional timestep of σ). Unconditional, or the null class.
+        """
+        fn = self._compiled.get("denoiser")
+        if fn is None:
+            apply = jax.jit(lambda params, x, s: self.experiment.denoiser(params)(x, s))
+            fn = self._compiled["denoiser"] = lambda x, sigma: apply(self.params, x, sigma)
+        return fn
+
     def options(self, **changes) -> SamplingOptions:
         """`config.sampling`'s chain options with the non-None `changes` applied, checked."""
         given = {k: v for k, v in changes.items() if v is not None}
@@ -248,13 +262,16 @@ class TrainedModel:
             )  # fmt: skip
             self._compiled[(padded, options.program_key)] = program
         raw = raw_key(key, self.config.sampling.seed)
-        ts = options.timesteps(self.config.diffusion)
+        ts = None if options.karras else options.timesteps(self.config.diffusion)
         images, out_labels = program(self.params, raw, int(index), labels_in, progress, ts)
         return Chunk(images, out_labels, int(size))
 
     def steps_per_chunk(self, options: SamplingOptions | None = None) -> int:
-        """Reverse steps of one chain with `options` (for progress counts)."""
+        """Reverse steps of one chain with `options` (for progress counts); heun/euler:
+        network evaluations."""
         options = self.options() if options is None else options
+        if options.karras:
+            return options.num_evaluations
         return options.num_steps or self.sched.num_timesteps
 
     def iter_chunks(
@@ -285,7 +302,7 @@ class TrainedModel:
         bar = progress if isinstance(progress, Progress) else None
         if progress is True:
             total = len(sizes) * self.steps_per_chunk(options)
-            bar = Progress(total, desc=f"sampling {num_images} images", unit="reverse steps")
+            bar = Progress(total, desc=f"sampling {num_images} images", unit=options.progress_unit)
         try:
             for i, size in enumerate(sizes):
                 chunk_labels = None if labels is None else labels[i * batch : i * batch + size]
@@ -320,8 +337,11 @@ class TrainedModel:
           key: a `jax.random` key (typed or raw) or an int seed; None: `seed`, else
             `config.sampling.seed`.
           seed: int seed, instead of `key`.
-          sampler: one of `sampling.SAMPLERS`; None: `config.sampling.sampler`.
-          num_steps: steps of the chain, 0 for all T; None: `config.sampling.num_steps`.
+          sampler: one of `experiment.sampling_config.SAMPLERS` ("heun"/"euler": EDM's samplers on
+            Karras σ's, also for DDPM models; the others for DDPM models only); None:
+            `config.sampling.sampler`.
+          num_steps: steps of the chain, 0 for all T (heun/euler: 18); None:
+            `config.sampling.num_steps`.
           eta: DDIM's η; None: `config.sampling.eta`.
           guidance_scale: classifier-free guidance w (class-conditional models); None:
             `config.sampling.guidance_scale`.

@@ -27,6 +27,7 @@ from ddpm_jax import files
 from ddpm_jax.errors import WorkdirError
 from ddpm_jax.experiment import changes
 from ddpm_jax.experiment.chain_program import raw_key
+from ddpm_jax.experiment.edm_config import KARRAS_FIELDS
 from ddpm_jax.images import image_grid, save_png, to_uint8
 from ddpm_jax.inference.trained_model import TrainedModel, chunk_sizes
 from ddpm_jax.runtime import sharding as shd
@@ -119,12 +120,15 @@ def write_samples(
         out_dir = os.path.join(out_dir, model.ema)
     is_main = jax.process_index() == 0
     sizes = chunk_sizes(num, batch)
+    # heun/euler's fields only where they apply, so that earlier chunks still match.
+    chain = {k: v for k, v in dataclasses.asdict(options).items()
+             if options.karras or k not in KARRAS_FIELDS}  # fmt: skip
     meta = {
         "checkpoint_step": model.step,
         "seed": seed,
         "batch_size": batch,
         "image_shape": list(model.image_shape),
-        **dataclasses.asdict(options),
+        **chain,
         "variance": model.reverse.variance,
         "clip_denoised": model.reverse.clip_denoised,
     }
@@ -148,7 +152,7 @@ def write_samples(
     )  # fmt: skip
     key = raw_key(seed, seed)
     steps = model.steps_per_chunk(options)
-    bar = Progress(len(sizes) * steps, desc=f"sampling {num} images", unit="reverse steps",
+    bar = Progress(len(sizes) * steps, desc=f"sampling {num} images", unit=options.progress_unit,
                    initial=(len(sizes) - len(todo)) * steps)  # fmt: skip
     try:
         for i in todo:

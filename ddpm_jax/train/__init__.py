@@ -2,7 +2,8 @@
 
 - `state`: `TrainState` (and its variants with the loss history and the power EMAs of
   post-hoc EMA), the optimizer (Adam, warm-up, clipping), the EMA, `build`.
-- `step`: the train step `(state, batch) -> (state, metrics)` and the logged bound estimate.
+- `step`: the train step `(state, batch) -> (state, metrics)` and the logged bound estimate
+  (an EDM model: its loss and denoising error in σ bands).
 - `timestep_proposal`: uniform or loss-aware (importance-sampled) training timesteps.
 - `loop`: `loop.train(config, workdir)`, the resumable training run with its periodic actions
   (the input pipeline and TFDS are imported with it, so that the step alone, e.g. for the
@@ -21,10 +22,11 @@ from ddpm_jax.train.state import (
     TrainSetup,
     TrainState,
     build,
+    make_ema_beta_fn,
     make_ema_decay_fn,
     make_optimizer,
 )
-from ddpm_jax.train.step import make_bpd_estimate_fn, make_train_step
+from ddpm_jax.train.step import make_bpd_estimate_fn, make_edm_monitor_fn, make_train_step
 
 __all__ = [
     "LossAwarePowerEMATrainState",
@@ -34,6 +36,8 @@ __all__ = [
     "TrainState",
     "build",
     "make_bpd_estimate_fn",
+    "make_edm_monitor_fn",
+    "make_ema_beta_fn",
     "make_ema_decay_fn",
     "make_optimizer",
     "make_train_step",

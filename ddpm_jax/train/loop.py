@@ -43,7 +43,12 @@ from ddpm_jax.runtime.checkpointing import snapshots
 from ddpm_jax.runtime.progress import Progress
 from ddpm_jax.runtime.startup import StartupTimer, TimedFirst
 from ddpm_jax.train.state import TrainSetup, TrainState, build
-from ddpm_jax.train.step import check_finite, make_bpd_estimate_fn, make_train_step
+from ddpm_jax.train.step import (
+    check_finite,
+    make_bpd_estimate_fn,
+    make_edm_monitor_fn,
+    make_train_step,
+)
 
 
 def resume_changes(
@@ -120,14 +125,20 @@ class Context:
 
 
 class LogMetrics:
-    """Every `training.log_every_steps`: scalars, the EMA model's bound estimate, throughput."""
+    """Every `training.log_every_steps`: scalars, the EMA model's bound estimate, throughput.
+
+    An EDM model has no bound estimate: it logs `make_edm_monitor_fn`'s EMA loss and
+    denoising error in σ bands instead.
+    """
 
     def __init__(self, ctx: Context):
         self.ctx, self.every = ctx, ctx.cfg.training.log_every_steps
         state_sh = shd.shardings_of(ctx.setup.abstract)
         batch_sh, replicated = shd.batch_sharding(ctx.mesh), shd.replicated(ctx.mesh)
+        self.edm = ctx.setup.experiment.is_edm
+        monitor = make_edm_monitor_fn if self.edm else make_bpd_estimate_fn
         self._bpd = jax.jit(
-            make_bpd_estimate_fn(ctx.setup.experiment),
+            monitor(ctx.setup.experiment),
             in_shardings=(state_sh.ema_params, batch_sh, batch_sh, replicated),
             out_shardings=replicated,
         )
@@ -141,17 +152,20 @@ class LogMetrics:
     def __call__(self, step: int, state: TrainState, batch, host: Mapping[str, Any]) -> None:
         scalars = {k: float(v) for k, v in host.items() if k != "finite"}
         key = jax.random.fold_in(self._key, step)
-        scalars["bpd_estimate"] = float(
-            self._bpd(state.ema_params, batch["image"], batch["label"], key)
-        )
+        monitored = self._bpd(state.ema_params, batch["image"], batch["label"], key)
+        if self.edm:
+            scalars.update({k: float(v) for k, v in monitored.items()})
+        else:
+            scalars["bpd_estimate"] = float(monitored)
         check_finite(scalars, step, self.ctx.ckpt.all_steps())
         scalars.update(self.ctx.throughput.rates(step))
         self.ctx.writer.write_scalars(step, scalars)
         if "first_row" not in self.ctx.timer.events:  # the start ends at the first row.
             self.ctx.timer.event("first_row")
             self.ctx.timer.write()
+        last = ("ema_loss", "ema_loss", ".4g") if self.edm else ("bpd_est", "bpd_estimate", ".3f")
         self.ctx.progress.set_postfix(
-            loss=f"{scalars['loss']:.4g}", bpd_est=f"{scalars['bpd_estimate']:.3f}"
+            loss=f"{scalars['loss']:.4g}", **{last[0]: f"{scalars[last[1]]:{last[2]}}"}
         )
 
 
@@ -204,7 +218,7 @@ class WriteSampleGrid:
         program = self._program
         key = np.asarray(jax.random.fold_in(self._key, step))
         with Progress(program.num_steps, desc=f"sample grid at step {step}",
-                      unit="reverse steps") as bar:  # fmt: skip
+                      unit=program.options.progress_unit) as bar:  # fmt: skip
             images, _ = program(state.ema_params, key, 0, self._labels, bar)
         images = shd.global_to_host(images)[: self.num_images]
         path = self.ctx.writer.write_images(step, "samples", to_uint8(images))

@@ -106,11 +106,38 @@ def make_ema_decay_fn(optim: OptimConfig) -> Callable[[jax.Array], jax.Array]:
     return lambda step: jnp.minimum(decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
 
 
+def make_ema_beta_fn(optim: OptimConfig, batch_size: int) -> Callable[[jax.Array], jax.Array]:
+    """EMA decay β for the update at step s (s updates done before it), float32.
+
+    With `optim.ema_halflife_kimg` None: `make_ema_decay_fn`. Otherwise EDM's half-life form
+    (Karras et al. 2022, App. F; NVlabs/edm's training loop): the average forgets half of
+    itself every h images, β = 0.5^(B / max(h, 1e-8)) for a batch of B, with h = 1000 ·
+    ema_halflife_kimg, or h = min(h, ema_rampup_ratio · s · B) with a ramp-up ratio (so that
+    β = 0 at s = 0: the first update copies the parameters).
+    """
+    if optim.ema_halflife_kimg is None:
+        return make_ema_decay_fn(optim)
+    halflife, ratio = 1000.0 * float(optim.ema_halflife_kimg), optim.ema_rampup_ratio
+    batch = float(batch_size)
+
+    def beta(step):
+        h = jnp.asarray(halflife, jnp.float32)
+        if ratio is not None:
+            h = jnp.minimum(h, step.astype(jnp.float32) * batch * float(ratio))
+        return jnp.power(0.5, batch / jnp.maximum(h, 1e-8)).astype(jnp.float32)
+
+    return beta
+
+
 def make_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
-    """Global-norm clipping then Adam with the warm-up schedule."""
+    """Global-norm clipping (none if `grad_clip_norm` is None) then Adam with the warm-up."""
+    clip = (
+        optax.identity()  # the same (empty) state as the clipping: resumes either way.
+        if optim.grad_clip_norm is None
+        else optax.clip_by_global_norm(float(optim.grad_clip_norm))
+    )
     return optax.chain(
-        optax.clip_by_global_norm(float(optim.grad_clip_norm)),
-        optax.adam(learning_rate_fn(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps),
+        clip, optax.adam(learning_rate_fn(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps)
     )
 
 

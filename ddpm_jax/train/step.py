@@ -1,6 +1,8 @@
 """The pure train step `(state, batch) -> (state, metrics)` and the bound estimate it logs.
 
-The loss is the weighted ELBO of `ddpm_jax.losses.training_losses`. Randomness is
+The loss is the weighted ELBO of `ddpm_jax.losses.training_losses`, or for an EDM model
+(`config.diffusion.formulation = "edm"`) the batch mean of `ddpm_jax.edm.denoiser_loss`,
+which logs `make_edm_monitor_fn`'s figures in place of the bound estimate. Randomness is
 `fold_in(stream_key(seed, TRAIN_STEP), step)`: the step is a pure function of (state, batch),
 and batch s is a pure function of (seed, s), so a resumed run continues bit-identically.
 """
@@ -14,15 +16,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import likelihood, posthoc_ema
+from ddpm_jax import edm, likelihood, posthoc_ema
 from ddpm_jax import losses as losses_lib
 from ddpm_jax.errors import NonFiniteError
 from ddpm_jax.experiment import Experiment, Stream, stream_key
 from ddpm_jax.train import timestep_proposal
-from ddpm_jax.train.state import TrainState, learning_rate_fn, make_ema_decay_fn
+from ddpm_jax.train.state import TrainState, learning_rate_fn, make_ema_beta_fn
 
 # Strata of the timesteps 1..T-1 in the logged bound estimate (see `make_bpd_estimate_fn`).
 BPD_ESTIMATE_STRATA = 8
+# The σ bands of an EDM model's logged denoising error (`make_edm_monitor_fn`): EDM's
+# sampling range 0.002..80, cut at 0.05, 0.5 and 5 (σ_d = 0.5 of images in [-1, 1]).
+EDM_MONITOR_BANDS = ((0.002, 0.05), (0.05, 0.5), (0.5, 5.0), (5.0, 80.0))
 
 
 def make_train_step(
@@ -37,21 +42,27 @@ def make_train_step(
     cfg = experiment.config
     d = cfg.diffusion
     accum = cfg.training.grad_accum_steps
-    ema_decay_fn = make_ema_decay_fn(cfg.optim)
+    ema_decay_fn = make_ema_beta_fn(cfg.optim, cfg.training.batch_size)
     lr_fn = learning_rate_fn(cfg.optim)
     num_classes = experiment.num_classes
     base_key = stream_key(cfg.training.seed, Stream.TRAIN_STEP)
     sched = experiment.schedule
     loss_aware = d.timestep_proposal == "loss_aware"
     gammas = tuple(posthoc_ema.sigma_rel_to_gamma(s) for s in cfg.optim.ema_profiles)
+    label_dropout, e = float(cfg.training.label_dropout), cfg.edm
 
     def loss_fn(params, images, labels, key, history):
         """The batch's mean loss, and (per-example losses, t) for the loss-aware proposal."""
         dropout_key, loss_key, label_key = jax.random.split(key, 3)
         y = None
-        if num_classes > 0:  # drop 10% of labels to the null class for guidance.
-            drop = jax.random.bernoulli(label_key, 0.1, labels.shape)
+        if num_classes > 0:  # drop labels to the null class: the guidance's unconditional.
+            drop = jax.random.bernoulli(label_key, label_dropout, labels.shape)
             y = jnp.where(drop, num_classes, labels)
+        if experiment.is_edm:
+            denoise_fn = experiment.denoiser(params, y, train=True, rngs={"dropout": dropout_key})
+            losses = edm.denoiser_loss(denoise_fn, images, loss_key, sigma_data=e.sigma_data,
+                                       p_mean=e.p_mean, p_std=e.p_std)  # fmt: skip
+            return jnp.mean(losses), (losses, jnp.zeros(losses.shape, jnp.int32))
         t, weights = None, 1.0
         if loss_aware:  # importance-sampled t, reweighted by 1/(T p_t): still unbiased.
             t, weights = timestep_proposal.draw(
@@ -154,6 +165,39 @@ def make_bpd_estimate_fn(experiment: Experiment) -> Callable:
         return jnp.mean(est)
 
     return bpd_estimate
+
+
+def make_edm_monitor_fn(experiment: Experiment) -> Callable:
+    """`(params, images, labels, key) -> {name: float32 scalar}`: what an EDM model logs in
+    place of the bound estimate (which it has not), of the EMA model on the current batch.
+
+    - "ema_loss": the batch mean of `edm.denoiser_loss` (the training loss, of the EMA
+      parameters and without dropout), from `fold_in(key, 0)`;
+    - "mse_sigma_<lo>_<hi>": the denoising error mean((D(x_0 + σn; σ) − x_0)²) over pixels
+      and the batch, σ log-uniform in each band of `EDM_MONITOR_BANDS`, from
+      `fold_in(key, b + 1)` for band b (1 + 4 forward passes per image in all).
+
+    Class-conditional models are evaluated on their labels.
+    """
+    e, num_classes = experiment.config.edm, experiment.num_classes
+
+    def monitor(params, images, labels, key):
+        denoise_fn = experiment.denoiser(params, labels if num_classes else None)
+        losses = edm.denoiser_loss(
+            denoise_fn, images, jax.random.fold_in(key, 0), sigma_data=e.sigma_data,
+            p_mean=e.p_mean, p_std=e.p_std,
+        )  # fmt: skip
+        out = {"ema_loss": jnp.mean(losses)}
+        for b, (lo, hi) in enumerate(EDM_MONITOR_BANDS):
+            sigma_key, noise_key = jax.random.split(jax.random.fold_in(key, b + 1))
+            u = jax.random.uniform(sigma_key, (images.shape[0],), jnp.float32)
+            sigma = jnp.exp(jnp.log(lo) + u * (jnp.log(hi) - jnp.log(lo)))
+            noise = jax.random.normal(noise_key, images.shape, jnp.float32)
+            x = images + sigma[:, None, None, None] * noise
+            out[f"mse_sigma_{lo:g}_{hi:g}"] = jnp.mean(jnp.square(denoise_fn(x, sigma) - images))
+        return out
+
+    return monitor
 
 
 def check_finite(step_metrics: Mapping[str, Any], step: int, kept_steps: list[int]) -> None:
