@@ -86,6 +86,8 @@ def phases_of(path: str, launched: float, end_event: str) -> dict[str, float] | 
     if end is not None:
         out["other"] = max(0.0, end - launched - sum(out.values()))
     out["cpu_s"] = sum(v["cpu_s"] for v in phases.values())
+    if "first_step" in data.get("events", {}):  # training: the first step's run returned.
+        out["first_step_at"] = data["events"]["first_step"] - launched
     return out
 
 
@@ -242,20 +244,25 @@ def table(results: dict[str, Any]) -> str:
 def phase_table(results: dict[str, Any]) -> str:
     """A Markdown table of the phases of every start in `results`, in wall seconds: a row per
     (cache, measurement), a column per phase (`runtime.startup.PHASES` order), the total to
-    the first step or images, and the CPU seconds of the child's own phases."""
+    the first step's row or images, the time at which the first train step had run (before
+    its metrics, the bound estimate, were computed), and the CPU seconds of the child's own
+    phases."""
     rows = [(c, name, m["phases"]) for c, runs in results.items() for name, m in runs.items()
             if isinstance(m, dict) and m.get("phases")]  # fmt: skip
     if not rows:
         return ""
-    seen = list(dict.fromkeys(k for _, _, p in rows for k in p if k not in ("other", "cpu_s")))
+    extra = ("other", "cpu_s", "first_step_at")
+    seen = list(dict.fromkeys(k for _, _, p in rows for k in p if k not in extra))
     columns = [p for p in PHASES if p in seen] + [p for p in seen if p not in PHASES] + ["other"]
-    lines = ["| start | " + " | ".join(columns) + " | total | cpu (child) |",
-             "| --- |" + " ---: |" * (len(columns) + 2)]  # fmt: skip
+    lines = ["| start | " + " | ".join(columns) + " | total | first step | cpu (child) |",
+             "| --- |" + " ---: |" * (len(columns) + 3)]  # fmt: skip
     for cache, name, phases in rows:
         cells = [f"{phases[c]:.2f}" if c in phases else "" for c in columns]
-        total = sum(v for k, v in phases.items() if k != "cpu_s")
+        total = sum(v for k, v in phases.items() if k not in ("cpu_s", "first_step_at"))
+        step = f"{phases['first_step_at']:.2f}" if "first_step_at" in phases else ""
+        cpu = phases.get("cpu_s", 0.0)
         lines.append(f"| {name}, cache {cache} | " + " | ".join(cells)
-                     + f" | **{total:.2f}** | {phases.get('cpu_s', 0.0):.2f} |")  # fmt: skip
+                     + f" | **{total:.2f}** | {step} | {cpu:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 

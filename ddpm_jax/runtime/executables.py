@@ -29,7 +29,12 @@ It lives in `<compilation cache>/ddpm_jax_executables/` and follows that cache's
 multi-process runs (each process would need the others' programs at once; the compilation
 cache is off there on CPUs anyway) and for remote cache directories.
 
-The payload is a pickle, like JAX's own cache entries: load only directories you trust.
+What is trusted (`runtime.cache_files`): the cache directory of the user who runs the
+command, owned by them and writable by no one else (created with mode 0700). A directory
+that is not is neither read nor written (one warning). The cache's own layer is unpickled
+with a restricted unpickler (shapes, dtypes, pytree structures); only the executable itself
+goes through JAX's own deserialization, a pickle that JAX documents as unsafe for untrusted
+input.
 """
 
 from __future__ import annotations
@@ -37,12 +42,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
 import pickle
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -51,6 +54,14 @@ from typing import Any
 import jax
 
 from ddpm_jax.runtime import compilation_cache
+from ddpm_jax.runtime.cache_files import (
+    pack,
+    read_owned,
+    restricted_loads,
+    trusted_directory,
+    unpack,
+    write_file,
+)
 from ddpm_jax.runtime.program_keys import describe_signature, environment, signature
 from ddpm_jax.runtime.startup import StartupTimer
 
@@ -58,7 +69,6 @@ from ddpm_jax.runtime.startup import StartupTimer
 DEFAULT = "default"
 SUBDIR = "ddpm_jax_executables"
 SUFFIX = ".jaxexec"
-MAGIC = b"ddpm_jax executable 1\n"
 # The directory's size past which the least recently used entries are deleted.
 MAX_BYTES = 2 << 30
 
@@ -83,6 +93,11 @@ class ExecutableCache:
         self._pending: dict[str, concurrent.futures.Future] = {}
         self._saves: list[concurrent.futures.Future] = []
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Why the directory is not trusted (then neither read nor written), or None.
+        self.untrusted = trusted_directory(directory)
+        if self.untrusted:
+            logging.warning("Executable cache: not using %s (%s); compiling every program.",
+                            directory, self.untrusted)  # fmt: skip
 
     @classmethod
     def default(cls) -> ExecutableCache | None:
@@ -112,13 +127,15 @@ class ExecutableCache:
         """Starts loading the entry of (name, key), if there is one, in a background thread;
         the `load` of the first call then only waits for what is left."""
         path = self.path(name, key)
-        if path not in self._pending and os.path.exists(path):
+        if not self.untrusted and path not in self._pending and os.path.exists(path):
             entry = self.entry(name, key)
             self._pending[path] = self._executor().submit(_read_and_load, path, entry)
 
     def load(self, name: str, key: Mapping[str, Any], sig: tuple) -> jax.stages.Compiled | None:
         """The executable of (name, key) for arguments of signature `sig`, or None: absent,
         of another signature, or unreadable, corrupt or stale (with a warning)."""
+        if self.untrusted:
+            return None
         path = self.path(name, key)
         future = self._pending.pop(path, None)
         try:
@@ -144,6 +161,8 @@ class ExecutableCache:
         """Writes `compiled` as the entry of (name, key) for signature `sig`, in the background
         (a program that cannot be serialized, or a directory that cannot be written, is
         logged and skipped)."""
+        if self.untrusted:
+            return
         header = {"entry": self.entry(name, key), "signature": describe_signature(sig),
                   "devices": _device_ids(compiled)}  # fmt: skip
         path = self.path(name, key)
@@ -154,6 +173,8 @@ class ExecutableCache:
     ) -> None:
         """As `save`, for a program whose executable came from JAX's persistent cache: it is
         compiled again in the background, bypassing that cache, and that copy saved."""
+        if self.untrusted:
+            return
         header = {"entry": self.entry(name, key), "signature": describe_signature(sig)}
         path = self.path(name, key)
         self._saves.append(self._executor().submit(self._recompile_and_write, path, header,
@@ -189,8 +210,7 @@ class ExecutableCache:
         except Exception as e:  # e.g. programs with closed-over constants or host callbacks.
             logging.info("Executable cache: %s cannot be serialized (%s).", path, e)
             return
-        header = {**header, "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}
-        if _write_file(path, _pack(header, payload)):
+        if write_file(path, pack(header, payload)):
             self.prune()
 
     def prune(self, max_bytes: int = MAX_BYTES) -> None:
@@ -219,12 +239,10 @@ class ExecutableCache:
 def _read_and_load(path: str, entry: str) -> tuple[dict, jax.stages.Compiled]:
     """(header, executable) of the file at `path`, checked whole and of `entry` before it is
     deserialized; raises FileNotFoundError, or ValueError and the like for a bad file."""
-    with open(path, "rb") as f:
-        data = f.read()
-    payload, header = _unpack(data)
+    payload, header = unpack(read_owned(path))
     if header.get("entry") != entry:  # a hash collision, or a file put there by hand.
         raise ValueError("it holds another program")
-    serialized, in_tree, out_tree = pickle.loads(payload)
+    serialized, in_tree, out_tree = restricted_loads(payload)
     by_id = {d.id: d for d in jax.devices()}
     devices = [by_id[i] for i in header["devices"]] if header.get("devices") else None
     from jax.experimental import serialize_executable
@@ -284,27 +302,6 @@ def _device_ids(compiled: jax.stages.Compiled) -> list[int] | None:
     unloaded = getattr(compiled._executable, "_unloaded_executable", None)
     devices = getattr(unloaded, "device_list", None)
     return None if devices is None else [d.id for d in devices]
-
-
-def _pack(header: dict, payload: bytes) -> bytes:
-    text = json.dumps(header, sort_keys=True).encode()
-    return MAGIC + struct.pack("<Q", len(text)) + text + payload
-
-
-def _unpack(data: bytes) -> tuple[bytes, dict]:
-    """(payload, header) of an entry's bytes; ValueError unless it is whole."""
-    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 8:
-        raise ValueError("not an executable of this version")
-    buf = io.BytesIO(data)
-    buf.seek(len(MAGIC))
-    (length,) = struct.unpack("<Q", buf.read(8))
-    header = json.loads(buf.read(length).decode())
-    payload = buf.read()
-    if len(payload) != header.get("size") or hashlib.sha256(payload).hexdigest() != header.get(
-        "sha256"
-    ):
-        raise ValueError("its contents do not match their checksum")
-    return payload, header
 
 
 class CachedJit:
@@ -403,18 +400,17 @@ def cached_eval_shape(
     like an executable's (name, key, environment, the arguments' signature) instead. A bad
     entry is ignored (with a warning) and the shapes traced again. None: `jax.eval_shape`.
     """
-    if cache is None:
+    if cache is None or cache.untrusted:
         return jax.eval_shape
 
     def eval_shape(fn: Callable[..., Any], *args: Any) -> Any:
         path = cache.path(name, key)
         sig = describe_signature(signature(args))
         try:
-            with open(path, "rb") as f:
-                payload, header = _unpack(f.read())
+            payload, header = unpack(read_owned(path))
             if header.get("entry") != cache.entry(name, key) or header.get("signature") != sig:
                 raise ValueError("it holds other shapes")
-            treedef, leaves = pickle.loads(payload)
+            treedef, leaves = restricted_loads(payload)
             return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
         except FileNotFoundError:
             pass
@@ -427,26 +423,7 @@ def cached_eval_shape(
         except Exception as e:  # a structure that does not pickle: traced every time.
             logging.info("Executable cache: the shapes of %s cannot be kept (%s).", name, e)
             return out
-        header = {"entry": cache.entry(name, key), "signature": sig,
-                  "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}  # fmt: skip
-        _write_file(path, _pack(header, payload))
+        write_file(path, pack({"entry": cache.entry(name, key), "signature": sig}, payload))
         return out
 
     return eval_shape
-
-
-def _write_file(path: str, data: bytes) -> bool:
-    """Writes `data` to `path` atomically (a unique temporary name, renamed); False (logged)
-    if the directory cannot be written."""
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return True
-    except OSError as e:
-        logging.warning("Executable cache: cannot write %s (%s).", path, e)
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        return False

@@ -430,6 +430,7 @@ def _loop(
             while step < num_steps:
                 batch = shd.host_to_global(next(batches), mesh)
                 state, step_metrics = train_step(state, batch)
+                timer.event("first_step")  # (its first run is waited for: `CachedJit`)
                 step += 1
                 # Checking the previous step's flag lets this step run while the host waits.
                 if pending is not None:
