@@ -35,6 +35,16 @@ DDPM_ONLY_FIELDS = (
 KARRAS_FIELDS = ("sigma_min", "sigma_max", "rho", "s_churn", "s_min", "s_max", "s_noise")
 
 
+def _refuse_changed(view: Any, group: str, names: tuple[str, ...], why: str) -> None:
+    """Raises `fields.fail` for the first of `names` that `view` (a view of config.<group>)
+    sets away from its default; `why` is formatted with that `default`."""
+    group_defaults = defaults.group(group)
+    for name in names:
+        value, default = getattr(view, name), group_defaults[name]
+        if value != default:
+            raise fields.fail(f"{group}.{name}", value, why.format(default=default))
+
+
 @dataclasses.dataclass(frozen=True)
 class EDMConfig:
     """The `config.edm` group: what an EDM model is trained with (`ddpm_jax.edm`).
@@ -69,16 +79,13 @@ def check_diffusion(d: Any) -> None:
         )
     if d.formulation != "edm":
         return
-    ddpm_defaults = defaults.group("diffusion")
-    for name in DDPM_ONLY_FIELDS:
-        value, default = getattr(d, name), ddpm_defaults[name]
-        if value != default:
-            raise fields.fail(
-                f"diffusion.{name}",
-                value,
-                f"applies to config.diffusion.formulation = 'ddpm' only (EDM's loss is "
-                f"config.edm's); leave it at {default!r} or set formulation to 'ddpm'.",
-            )
+    _refuse_changed(
+        d,
+        "diffusion",
+        DDPM_ONLY_FIELDS,
+        "applies to config.diffusion.formulation = 'ddpm' only (EDM's loss is config.edm's); "
+        "leave it at {default!r} or set formulation to 'ddpm'.",
+    )
     if diffusion.is_learned(d.variance):
         raise fields.fail(
             "diffusion.variance",
@@ -121,16 +128,14 @@ def check_karras_fields(options: Any) -> None:
     fields.number("sampling.s_noise", options.s_noise, 0.0)
     if options.sampler in edm.SOLVERS:
         return
-    sampling_defaults = defaults.group("sampling")
-    for name in KARRAS_FIELDS:
-        value, default = getattr(options, name), sampling_defaults[name]
-        if value != default:
-            raise fields.fail(
-                f"sampling.{name}",
-                value,
-                f"applies to the samplers {' and '.join(map(repr, edm.SOLVERS))} only, but "
-                f"config.sampling.sampler = {options.sampler!r}; leave it at {default!r}.",
-            )
+    solvers = " and ".join(map(repr, edm.SOLVERS))
+    _refuse_changed(
+        options,
+        "sampling",
+        KARRAS_FIELDS,
+        f"applies to the samplers {solvers} only, but config.sampling.sampler = "
+        f"{options.sampler!r}; leave it at {{default!r}}.",
+    )
 
 
 def check_sampler_for_model(options: Any, d: Any) -> None:
