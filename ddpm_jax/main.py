@@ -56,6 +56,11 @@ flags.DEFINE_list("from_profiles", None, "ema: use only the snapshots of these t
 flags.DEFINE_enum("sweep", None, list(SWEEP_METRICS), "ema: evaluate each σ_rel with this "
                   "metric and write the curve, instead of writing the EMAs.")  # fmt: skip
 EMA_FLAGS = ("sigma_rel", "step", "from_profiles", "sweep")
+flags.DEFINE_string(
+    "startup_json", None, "Write the phases of the start (imports, restore, compilation, ...; "
+    "wall and CPU seconds) to this JSON file, once the first step is logged or the samples "
+    "are written (`ddpm-jax-restart` reads it)."
+)  # fmt: skip
 
 
 def command_line_overrides() -> dict[str, object]:
@@ -83,6 +88,45 @@ def sampling_overrides(config) -> dict[str, object]:
 
 
 def main(argv: list[str]) -> None:
+    from ddpm_jax.runtime.startup import StartupTimer
+
+    timer = StartupTimer(FLAGS.startup_json)
+    with timer.phase("config"):
+        workdir, config, overrides, ema_args = _check(argv)
+    with timer.phase("jax_init"):
+        cli.prepare_jax()
+        import jax
+
+        logging.info(
+            "JAX %s: process %d of %d, %d local / %d global devices (%s); workdir %s.",
+            jax.__version__, jax.process_index(), jax.process_count(), jax.local_device_count(),
+            jax.device_count(), jax.devices()[0].platform, workdir,
+        )  # fmt: skip
+    if FLAGS.mode == "train":
+        with timer.phase("imports_mode"):
+            from ddpm_jax.train import loop
+
+        loop.train(config, workdir, timer=timer)
+    elif FLAGS.mode == "eval":
+        with timer.phase("imports_mode"):
+            from ddpm_jax.evaluation import evaluate
+
+        evaluate.evaluate(config, workdir, config_overrides=overrides)
+    elif FLAGS.mode == "ema":
+        from ddpm_jax.ema import command
+
+        command.run(config, workdir, **ema_args, config_overrides=overrides)
+    else:
+        with timer.phase("imports_mode"):
+            from ddpm_jax.inference import write_samples
+
+        write_samples.write_samples(config, workdir, config_overrides=overrides, timer=timer)
+    timer.event("done")
+    timer.write()
+
+
+def _check(argv: list[str]):
+    """The workdir, config, sampling overrides and ema arguments, checked before JAX starts."""
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; settings go in --config.group.field=value.")
     config = cli.loaded_config("config")
@@ -104,30 +148,7 @@ def main(argv: list[str]) -> None:
     )
     if FLAGS.mode == "train":
         wd.check_workdir(workdir)  # a path that cannot be a workdir fails before JAX starts.
-    cli.prepare_jax()
-    import jax
-
-    logging.info(
-        "JAX %s: process %d of %d, %d local / %d global devices (%s); workdir %s.",
-        jax.__version__, jax.process_index(), jax.process_count(), jax.local_device_count(),
-        jax.device_count(), jax.devices()[0].platform, workdir,
-    )  # fmt: skip
-    if FLAGS.mode == "train":
-        from ddpm_jax.train import loop
-
-        loop.train(config, workdir)
-    elif FLAGS.mode == "eval":
-        from ddpm_jax.evaluation import evaluate
-
-        evaluate.evaluate(config, workdir, config_overrides=overrides)
-    elif FLAGS.mode == "ema":
-        from ddpm_jax.ema import command
-
-        command.run(config, workdir, **ema_args, config_overrides=overrides)
-    else:
-        from ddpm_jax.inference import write_samples
-
-        write_samples.write_samples(config, workdir, config_overrides=overrides)
+    return workdir, config, overrides, ema_args
 
 
 def _ema_arguments() -> dict[str, object]:

@@ -239,7 +239,7 @@ def test_the_command_needs_a_config_only_for_the_model_parts():
 def _check_restart(restart, results, directory, parts):
     runs = results["on"]
     names = {"train": ("first", "resumed"), "sampler": ("first", "second"),
-             "eval": ("first", "second")}  # fmt: skip
+             "sample": ("first", "second"), "eval": ("first", "second")}  # fmt: skip
     assert set(runs) == {f"{p}_{r}" for p in parts for r in names[p]}
     for name in ("train_first", "train_resumed"):
         assert 0 < runs[name]["first_step_s"] <= runs[name]["wall_s"], runs[name]
@@ -286,6 +286,11 @@ def test_restart_measurements_run_the_users_commands_with_one_cache(tmp_path):
     for name in ("sampler_first", "sampler_second"):
         assert 0 < runs[name]["load_s"] < runs[name]["first_images_s"] <= runs[name]["wall_s"]
     assert (workdir / "eval" / "bpd_step2.json").exists()
+    # The resumed run and the second sampling command load their programs, tracing nothing.
+    for name in ("train_resumed", "sample_second"):
+        phases = runs[name]["phases"]
+        assert "load_executable" in phases and "trace" not in phases, (name, phases)
+    assert "| train_resumed, cache on |" in restart.phase_table(results)
 
 
 def test_the_formulations_part_times_the_ddpm_and_edm_steps_of_one_u_net():

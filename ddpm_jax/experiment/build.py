@@ -78,12 +78,16 @@ class Experiment:
         x = jnp.zeros((1, *self.image_shape), jnp.float32)
         return self.model.init(key, x, jnp.zeros((1,), jnp.int32))["params"]
 
-    def abstract_params(self, mesh: jax.sharding.Mesh) -> PyTree:
-        """Shapes, dtypes and shardings (`config.mesh`) of the parameters; nothing allocated."""
+    def abstract_params(
+        self, mesh: jax.sharding.Mesh, *, eval_shape: Callable = jax.eval_shape
+    ) -> PyTree:
+        """Shapes, dtypes and shardings (`config.mesh`) of the parameters; nothing allocated
+        (`eval_shape` gives the shapes: `runtime.executables.cached_eval_shape`)."""
         m = self.config.mesh
         return shd.sharded_abstract(
-            self.init_params, mesh, jax.random.PRNGKey(0), fsdp=m.fsdp, min_size=m.fsdp_min_size
-        )
+            self.init_params, mesh, jax.random.PRNGKey(0), fsdp=m.fsdp, min_size=m.fsdp_min_size,
+            eval_shape=eval_shape,
+        )  # fmt: skip
 
     def model_fn(self, params: PyTree, labels: jax.Array | None = None, **apply_kwargs) -> Callable:
         """The network with `params` as `model_fn(x_t, t) -> prediction`.

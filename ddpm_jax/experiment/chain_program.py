@@ -35,9 +35,12 @@ import numpy as np
 from ddpm_jax import edm, sampling, timesteps
 from ddpm_jax.experiment.build import Experiment
 from ddpm_jax.experiment.config import ReverseProcess
+from ddpm_jax.experiment.programs import config_key
 from ddpm_jax.experiment.sampling_config import SamplingOptions
+from ddpm_jax.runtime import executables
 from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime.progress import Progress
+from ddpm_jax.runtime.startup import StartupTimer
 
 PyTree = Any
 
@@ -80,6 +83,9 @@ class ChainProgram:
       padded: images per call.
       options: the sampler, its number of steps, η, guidance.
       reverse: the reverse process; default the experiment's.
+      executable_cache: keeps the compiled programs on disk (`runtime.executables`); None:
+        compiled in this process only.
+      timer: times their tracing, lowering, compilation or loading (`runtime.startup`).
     """
 
     def __init__(
@@ -89,6 +95,9 @@ class ChainProgram:
         padded: int,
         options: SamplingOptions,
         reverse: ReverseProcess | None = None,
+        *,
+        executable_cache: executables.ExecutableCache | None = None,
+        timer: StartupTimer | None = None,
     ):
         if padded % mesh.devices.size:
             raise ValueError(f"padded={padded} is not a multiple of {mesh.devices.size} devices.")
@@ -100,6 +109,7 @@ class ChainProgram:
         self._steps: dict[tuple[int, ...], tuple] = {}
         if options.karras:
             self._init_karras(options, batch_sh)
+            self._cache(executable_cache, timer)
             return
         self.num_steps = options.num_steps or experiment.schedule.num_timesteps
         self.segment = math.ceil(self.num_steps / SEGMENTS)
@@ -112,6 +122,24 @@ class ChainProgram:
             out_shardings=batch_sh,
             donate_argnums=(3,),
         )
+        self._cache(executable_cache, timer)
+
+    def _cache(self, executable_cache, timer) -> None:
+        """Its programs from `executable_cache` (`runtime.executables`), timed in `timer`."""
+        if executable_cache is None and timer is None:
+            return
+        key = {
+            "config": config_key(self.experiment.config),
+            "options": repr(self.options),
+            "reverse": repr(self.reverse),
+            "padded": self.padded,
+            "segment": self.segment,
+        }
+        for name in ("_prepare", "_init", "_run", "_finish"):
+            program = executables.CachedJit(
+                getattr(self, name), f"chain{name}", key, executable_cache, timer
+            )
+            setattr(self, name, program)
 
     def _init_karras(self, options: SamplingOptions, batch_sh) -> None:
         """heun/euler: the plan's rows (on the mesh) replace the respaced schedule."""

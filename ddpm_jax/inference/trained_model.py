@@ -34,11 +34,13 @@ from ddpm_jax.experiment import (
     changes,
 )
 from ddpm_jax.experiment.chain_program import ChainProgram, raw_key
+from ddpm_jax.experiment.programs import config_key
 from ddpm_jax.images import to_uint8
-from ddpm_jax.runtime import checkpointing, compilation_cache
+from ddpm_jax.runtime import checkpointing, compilation_cache, executables
 from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime.checkpointing import named_emas
 from ddpm_jax.runtime.progress import Progress
+from ddpm_jax.runtime.startup import StartupTimer
 
 __all__ = ["Chunk", "TrainedModel", "chunk_sizes", "load_sampler"]
 
@@ -86,6 +88,9 @@ class TrainedModel:
       experiment: the network, schedule and reverse process.
       ema: which parameters: "ema_params" (the checkpoint's exponential EMA) or the name of a
         post-hoc EMA of `<workdir>/emas/` (`config.eval.ema`, `ddpm-jax ema`).
+      executable_cache: where the sampling programs are kept compiled
+        (`runtime.executables`); None: compiled in this process only.
+      timer: times the phases of the start (`runtime.startup`); None: not timed.
     """
 
     config: ExperimentConfig
@@ -94,11 +99,20 @@ class TrainedModel:
     mesh: jax.sharding.Mesh
     experiment: Experiment
     ema: str = named_emas.DEFAULT_EMA
+    executable_cache: executables.ExecutableCache | None = None
+    timer: StartupTimer | None = None
     _compiled: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def from_config(
-        cls, config: Any, workdir: str, *, step: int | None = None, ema: str | None = None
+        cls,
+        config: Any,
+        workdir: str,
+        *,
+        step: int | None = None,
+        ema: str | None = None,
+        executable_cache: executables.ExecutableCache | str | None = executables.DEFAULT,
+        timer: StartupTimer | None = None,
     ) -> TrainedModel:
         """Restores only the EMA parameters of `workdir`'s checkpoint `step` (default latest).
 
@@ -112,29 +126,40 @@ class TrainedModel:
             or its own step.
           ema: a post-hoc EMA of `<workdir>/emas/` to use instead of the checkpoint's EMA;
             None: `config.eval.ema` (None there too: the checkpoint's EMA).
+          executable_cache: where the sampling programs are kept compiled; default: beside
+            JAX's persistent compilation cache (off when it is off); None: not kept.
+          timer: times the phases (`init`, `restore`, the programs' compilation).
 
         Raises:
           WorkdirNotFoundError: no checkpoint (at `step`) in `workdir`, or no such named EMA.
           ConfigError: a bad sampling field, naming it.
           WorkdirError: a named EMA of another step than `step`.
         """
+        clock = StartupTimer() if timer is None else timer
         experiment = Experiment.from_config(config)
         mesh = shd.make_mesh()
+        cache = executables.resolve(executable_cache)
+        extra = {"executable_cache": cache, "timer": timer}
+        shapes = executables.cached_eval_shape(
+            cache, "params_shapes", {"config": config_key(experiment.config)}
+        )
+        abstract = clock.call("init", experiment.abstract_params, mesh, eval_shape=shapes)
         name = experiment.config.eval.ema if ema is None else ema
         if name not in (None, named_emas.DEFAULT_EMA):
-            params, meta = named_emas.restore_named_ema(
-                workdir, name, experiment.abstract_params(mesh)
+            params, meta = clock.call(
+                "restore", named_emas.restore_named_ema, workdir, name, abstract
             )
             if step is not None and int(step) != int(meta["step"]):
                 raise WorkdirError(
                     f"The post-hoc EMA {name!r} is the average at step {meta['step']}, not "
                     f"{step}; leave the step out, or reconstruct one at step {step}."
                 )
-            return cls(experiment.config, params, int(meta["step"]), mesh, experiment, name)
-        params, step = checkpointing.restore_subtree(
-            workdir, "ema_params", experiment.abstract_params(mesh), step=step
+            return cls(experiment.config, params, int(meta["step"]), mesh, experiment, name,
+                       **extra)  # fmt: skip
+        params, step = clock.call(
+            "restore", checkpointing.restore_subtree, workdir, "ema_params", abstract, step=step
         )
-        return cls(experiment.config, params, int(step), mesh, experiment)
+        return cls(experiment.config, params, int(step), mesh, experiment, **extra)
 
     @property
     def network(self):
@@ -231,7 +256,10 @@ class TrainedModel:
         # Chains of the same length share one compiled program, whichever timesteps.
         program = self._compiled.get((padded, options.program_key))
         if program is None:
-            program = ChainProgram(self.experiment, self.mesh, padded, options)
+            program = ChainProgram(
+                self.experiment, self.mesh, padded, options,
+                executable_cache=self.executable_cache, timer=self.timer,
+            )  # fmt: skip
             self._compiled[(padded, options.program_key)] = program
         raw = raw_key(key, self.config.sampling.seed)
         ts = None if options.karras else options.timesteps(self.config.diffusion)
@@ -396,6 +424,7 @@ def load_sampler(
     ema: str | None = None,
     config_overrides: Mapping[str, Any] | None = None,
     compilation_cache_dir: str | None = compilation_cache.DEFAULT,
+    timer: StartupTimer | None = None,
 ) -> TrainedModel:
     """The `TrainedModel` of a training (or imported) workdir's EMA parameters, to sample from.
 
@@ -414,7 +443,9 @@ def load_sampler(
       compilation_cache_dir: turns on JAX's persistent compilation cache there, unless the
         process already has one (so a second `load_sampler` of the same model starts in
         seconds); the default is `compilation_cache.default_dir()`, None leaves JAX's
-        setting alone.
+        setting alone. The sampling programs' executables are kept beside it
+        (`runtime.executables`), so that a second process neither traces nor compiles them.
+      timer: times the phases of the start (`runtime.startup`), e.g. for `ddpm-jax-restart`.
 
     Returns:
       The `TrainedModel`; `model.sample(n, seed=s)` gives uint8 [n, H, W, C].
@@ -428,6 +459,6 @@ def load_sampler(
         compilation_cache.enable(compilation_cache_dir, only_if_unset=True)
     config = changes.apply_overrides(changes.read_config(workdir), config_overrides)
     try:
-        return TrainedModel.from_config(config, workdir, step=step, ema=ema)
+        return TrainedModel.from_config(config, workdir, step=step, ema=ema, timer=timer)
     except ConfigError as e:
         raise ConfigError(f"{workdir}/config.json: {e}") from e

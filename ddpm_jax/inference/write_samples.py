@@ -34,6 +34,7 @@ from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime import workdir as wd
 from ddpm_jax.runtime.checkpointing import named_emas
 from ddpm_jax.runtime.progress import Progress
+from ddpm_jax.runtime.startup import StartupTimer
 
 COMBINED_FILE = "samples.npz"
 META_FILE = "meta.json"
@@ -78,6 +79,7 @@ def write_samples(
     workdir: str,
     *,
     config_overrides: Mapping[str, Any] | None = None,
+    timer: StartupTimer | None = None,
 ) -> str:
     """`--mode=sample`: writes `config.sampling.num_samples` samples of `workdir`'s model.
 
@@ -100,12 +102,16 @@ def write_samples(
       workdir: the training run's workdir.
       config_overrides: dotted-path changes applied after that resolution (see
         `experiment.changes.run_config`), e.g. `{"diffusion.variance": "fixedsmall"}`.
+      timer: times the phases (`runtime.startup`: restore, compilation or the executables'
+        loading, the first chunk's run, writing), written when the samples are.
 
     Returns:
       The path of `samples.npz`.
     """
     workdir = files.resolve_path(workdir)
-    model = TrainedModel.from_config(changes.run_config(config, workdir, config_overrides), workdir)
+    timer = StartupTimer() if timer is None else timer
+    run_config = changes.run_config(config, workdir, config_overrides)
+    model = TrainedModel.from_config(run_config, workdir, timer=timer)
     options = model.options()
     s = model.config.sampling
     num, batch, seed = s.num_samples, s.batch_size, s.seed
@@ -153,6 +159,7 @@ def write_samples(
             chunk = model.sample_chunk(i, sizes[i], key, options=options, progress=bar)
             images, labels = shd.global_to_host((chunk.images, chunk.labels))
             if is_main:
+                timer.event("first_images")
                 arrays = {"images": to_uint8(images[: chunk.num_valid])}
                 if model.num_classes:
                     arrays["labels"] = labels[: chunk.num_valid].astype(np.int32)
@@ -170,4 +177,6 @@ def write_samples(
                 parts.append({k: data[k] for k in data.files})
         files.save_npz(combined, **{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
         logging.info("Wrote %d samples to %s.", num, combined)
+    timer.event("done")
+    timer.write()
     return combined

@@ -136,13 +136,17 @@ def sharded_abstract(
     *args: Any,
     fsdp: bool = False,
     min_size: int = DEFAULT_FSDP_MIN_SIZE,
+    eval_shape: Callable[..., PyTree] = jax.eval_shape,
 ) -> PyTree:
     """Shapes, dtypes and target shardings of `init_fn(*args)`, computed without running it.
+
+    `eval_shape(init_fn, *args)` gives the shapes (`runtime.executables.cached_eval_shape`
+    reads them from disk instead of tracing).
 
     Returns:
       A pytree of `jax.ShapeDtypeStruct` with `.sharding` set (see `state_shardings`).
     """
-    abstract = jax.eval_shape(init_fn, *args)
+    abstract = eval_shape(init_fn, *args)
     return with_shardings(abstract, state_shardings(mesh, abstract, fsdp=fsdp, min_size=min_size))
 
 

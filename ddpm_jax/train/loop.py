@@ -34,12 +34,14 @@ from ddpm_jax.data import pipeline, sources
 from ddpm_jax.errors import ConfigError, WorkdirError
 from ddpm_jax.experiment import ExperimentConfig, Stream, changes, stream_key
 from ddpm_jax.experiment.chain_program import ChainProgram
+from ddpm_jax.experiment.programs import config_key
 from ddpm_jax.images import to_uint8
-from ddpm_jax.runtime import checkpointing, metrics, preemption
+from ddpm_jax.runtime import checkpointing, executables, metrics, preemption
 from ddpm_jax.runtime import sharding as shd
 from ddpm_jax.runtime import workdir as wd
 from ddpm_jax.runtime.checkpointing import snapshots
 from ddpm_jax.runtime.progress import Progress
+from ddpm_jax.runtime.startup import StartupTimer, TimedFirst
 from ddpm_jax.train.state import TrainSetup, TrainState, build
 from ddpm_jax.train.step import (
     check_finite,
@@ -117,6 +119,9 @@ class Context:
     progress: Progress
     throughput: Throughput
     num_steps: int
+    # Compiled programs kept on disk (None: compiled each run), and the start's phases.
+    executable_cache: executables.ExecutableCache | None = None
+    timer: StartupTimer = dataclasses.field(default_factory=StartupTimer)
 
 
 class LogMetrics:
@@ -137,6 +142,8 @@ class LogMetrics:
             in_shardings=(state_sh.ema_params, batch_sh, batch_sh, replicated),
             out_shardings=replicated,
         )
+        self._bpd = executables.cached_jit(self._bpd, "bpd_estimate", {"config": config_key(
+            ctx.cfg)}, ctx.executable_cache, ctx.timer)  # fmt: skip
         self._key = stream_key(ctx.cfg.training.seed, Stream.BPD_ESTIMATE)
 
     def due(self, step: int, final: bool) -> bool:
@@ -153,6 +160,9 @@ class LogMetrics:
         check_finite(scalars, step, self.ctx.ckpt.all_steps())
         scalars.update(self.ctx.throughput.rates(step))
         self.ctx.writer.write_scalars(step, scalars)
+        if "first_row" not in self.ctx.timer.events:  # the start ends at the first row.
+            self.ctx.timer.event("first_row")
+            self.ctx.timer.write()
         last = ("ema_loss", "ema_loss", ".4g") if self.edm else ("bpd_est", "bpd_estimate", ".3f")
         self.ctx.progress.set_postfix(
             loss=f"{scalars['loss']:.4g}", **{last[0]: f"{scalars[last[1]]:{last[2]}}"}
@@ -194,7 +204,10 @@ class WriteSampleGrid:
         cfg, n_dev = ctx.cfg, ctx.mesh.devices.size
         self.num_images = cfg.training.num_sample_images
         padded = -(-self.num_images // n_dev) * n_dev
-        self._program = ChainProgram(ctx.setup.experiment, ctx.mesh, padded, cfg.sampling.options)
+        self._program = ChainProgram(
+            ctx.setup.experiment, ctx.mesh, padded, cfg.sampling.options,
+            executable_cache=ctx.executable_cache, timer=ctx.timer,
+        )  # fmt: skip
         self._labels = np.full((padded,), -1, np.int32)
         self._key = stream_key(cfg.training.seed, Stream.SAMPLE_GRID)
 
@@ -248,7 +261,13 @@ def _refuse_imported(directory: str, step: int) -> None:
         )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    timer: StartupTimer | None = None,
+    executable_cache: executables.ExecutableCache | str | None = executables.DEFAULT,
+) -> TrainState:
     """Trains from `config`, resuming from the newest checkpoint in `workdir` if there is one.
 
     Writes `<workdir>/config.json`, checkpoints under `<workdir>/checkpoints`, metrics to
@@ -259,6 +278,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     Args:
       config: the experiment config (an ml_collections ConfigDict).
       workdir: the run's directory; relative paths and `~` are resolved here.
+      timer: times the phases of the start (`runtime.startup`) and writes them once the
+        first step's metrics row is written; default: a timer that writes nothing.
+      executable_cache: where the train step, the bound estimate and the sample grid's
+        programs are kept compiled (`runtime.executables`); default: beside JAX's
+        persistent compilation cache (off when it is off); None: compile them every run.
 
     Returns:
       The final `TrainState`.
@@ -269,20 +293,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
       NonFiniteError: the loss, the gradient or a logged metric became NaN/Inf.
       CheckpointSaveError: an asynchronous save failed.
     """
+    timer = StartupTimer() if timer is None else timer
     workdir = files.resolve_path(workdir)
     config = changes.resolve_config_paths(config)
     cfg = ExperimentConfig.from_config(config)
     mesh = shd.make_mesh()
     cfg.check_devices(mesh.devices.size, jax.process_count())
-    info = sources.get_dataset_info(
-        cfg.data, num_classes=cfg.model.num_classes, global_batch_size=cfg.training.batch_size
+    cache, key = executables.resolve(executable_cache), {"config": config_key(cfg)}
+    if cache is not None:  # loaded in a thread while the data and the state are set up.
+        cache.prefetch("train_step", key)
+        cache.prefetch("bpd_estimate", key)
+    info = timer.call(
+        "data",
+        sources.get_dataset_info,
+        cfg.data,
+        num_classes=cfg.model.num_classes,
+        global_batch_size=cfg.training.batch_size,
     )
     is_main = jax.process_index() == 0
     # Locked before the network is traced, so that a second trainer stops in seconds.
     lock = wd.WorkdirLock(workdir).acquire() if is_main else None
     try:
-        setup = build(cfg, mesh)
-        return _train(config, cfg, workdir, mesh, setup, info, is_main)
+        shapes = executables.cached_eval_shape(cache, "train_state_shapes", key)
+        setup = timer.call("init", build, cfg, mesh, eval_shape=shapes)
+        return _train(config, cfg, workdir, mesh, setup, info, is_main, timer, cache)
     finally:
         if lock is not None:
             lock.release()
@@ -302,7 +336,9 @@ def rollback_step(config: ml_collections.ConfigDict, workdir: str) -> int | None
     return None if saved.training.get("resume_step") == wanted else wanted
 
 
-def _train(config, cfg: ExperimentConfig, workdir, mesh, setup: TrainSetup, info, is_main):
+def _train(
+    config, cfg: ExperimentConfig, workdir, mesh, setup: TrainSetup, info, is_main, timer, cache
+):
     tc = cfg.training
     has_checkpoints = bool(checkpointing.complete_steps(workdir))
     accepted = resume_changes(config, workdir, tc.allow_config_change) if has_checkpoints else []
@@ -315,7 +351,8 @@ def _train(config, cfg: ExperimentConfig, workdir, mesh, setup: TrainSetup, info
     )
     snapshot_writer = None
     try:
-        state = _restore(ckpt, setup, resume_step, stream_key(tc.seed, Stream.INIT))
+        init_key = stream_key(tc.seed, Stream.INIT)
+        state = timer.call("restore", _restore, ckpt, setup, resume_step, init_key)
         start_step = int(state.step)
         snapshots.set_aside_after(workdir, start_step)
         if cfg.optim.ema_snapshot_every:
@@ -329,7 +366,8 @@ def _train(config, cfg: ExperimentConfig, workdir, mesh, setup: TrainSetup, info
             if accepted:
                 wd.append_config_history(workdir, start_step, accepted)
             wd.write_config(config, workdir)
-        return _loop(cfg, workdir, mesh, setup, info, ckpt, state, is_main, snapshot_writer)
+        return _loop(cfg, workdir, mesh, setup, info, ckpt, state, is_main, snapshot_writer,
+                     timer, cache)  # fmt: skip
     finally:
         ckpt.close()
         if snapshot_writer is not None:
@@ -337,8 +375,19 @@ def _train(config, cfg: ExperimentConfig, workdir, mesh, setup: TrainSetup, info
 
 
 def _loop(
-    cfg, workdir, mesh, setup, info, ckpt, state, is_main, snapshot_writer=None
+    cfg,
+    workdir,
+    mesh,
+    setup,
+    info,
+    ckpt,
+    state,
+    is_main,
+    snapshot_writer=None,
+    timer=None,
+    cache=None,
 ) -> TrainState:
+    timer = StartupTimer() if timer is None else timer
     tc = cfg.training
     start_step, num_steps = int(state.step), tc.num_train_steps
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -354,7 +403,11 @@ def _loop(
         out_shardings=(state_sh, shd.replicated(mesh)),
         donate_argnums=(0,),
     )
-    data = pipeline.make_train_data(
+    train_step = executables.cached_jit(train_step, "train_step", {"config": config_key(cfg)},
+                                        cache, timer)  # fmt: skip
+    data = timer.call(
+        "data",
+        pipeline.make_train_data,
         cfg.data,
         num_classes=cfg.model.num_classes,
         global_batch_size=tc.batch_size,
@@ -365,11 +418,11 @@ def _loop(
     writer = metrics.MetricWriter(workdir, enabled=is_main)
     progress = Progress(num_steps, desc="train", unit="steps", initial=start_step)
     ctx = Context(cfg, setup, mesh, ckpt, writer, progress, Throughput(tc.batch_size, start_step),
-                  num_steps)  # fmt: skip
+                  num_steps, cache, timer)  # fmt: skip
     actions = [LogMetrics(ctx), SaveCheckpoint(ctx), WriteSampleGrid(ctx)]
     if snapshot_writer is not None:
         actions.append(SaveEMASnapshot(snapshot_writer))
-    batches = data.iterator(start_step)
+    batches = TimedFirst(data.iterator(start_step), timer, "data")  # the first batch's wait.
     pending: tuple[int, dict] | None = None  # the previous step's metrics, checked one late.
     step = start_step
     try:
@@ -377,6 +430,7 @@ def _loop(
             while step < num_steps:
                 batch = shd.host_to_global(next(batches), mesh)
                 state, step_metrics = train_step(state, batch)
+                timer.event("first_step")  # (its first run is waited for: `CachedJit`)
                 step += 1
                 # Checking the previous step's flag lets this step run while the host waits.
                 if pending is not None:
@@ -405,4 +459,5 @@ def _loop(
         batches.close()
         progress.close()
         writer.close()
+        timer.write()
     return state

@@ -182,13 +182,17 @@ class TrainSetup:
     init_fn: Callable[[jax.Array], TrainState]
 
 
-def build(config: Any, mesh: jax.sharding.Mesh) -> TrainSetup:
-    """The `TrainSetup` of a config (a ConfigDict, or an already parsed `ExperimentConfig`)."""
+def build(
+    config: Any, mesh: jax.sharding.Mesh, *, eval_shape: Callable[..., Any] = jax.eval_shape
+) -> TrainSetup:
+    """The `TrainSetup` of a config (a ConfigDict, or an already parsed `ExperimentConfig`);
+    `eval_shape` gives the state's shapes (`runtime.executables.cached_eval_shape`)."""
     experiment = Experiment.from_config(config)
     optimizer = make_optimizer(experiment.config.optim)
     init_fn = functools.partial(init_state, experiment, optimizer)
     m = experiment.config.mesh
     abstract = shd.sharded_abstract(
-        init_fn, mesh, jax.random.PRNGKey(0), fsdp=m.fsdp, min_size=m.fsdp_min_size
-    )
+        init_fn, mesh, jax.random.PRNGKey(0), fsdp=m.fsdp, min_size=m.fsdp_min_size,
+        eval_shape=eval_shape,
+    )  # fmt: skip
     return TrainSetup(experiment, optimizer, abstract, init_fn)

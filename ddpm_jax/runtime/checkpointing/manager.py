@@ -225,6 +225,11 @@ class Checkpointer:
             raise WorkdirNotFoundError(f"No complete checkpoint in {self.directory}.")
         target = restore_target(abstract_state)
         for s in candidates:
+            try:  # orbax refuses other shapes (strict): only a failure needs the diagnosis.
+                out = self._restore_step(s, target)
+                return out[STATE_ITEM], dict(out[EXTRA_ITEM] or {})
+            except Exception:
+                pass  # read the metadata below: another model, or a damaged checkpoint.
             try:
                 saved = self._manager.item_metadata(s)[STATE_ITEM]
                 reason = None if saved is not None else "its state item has no metadata"
