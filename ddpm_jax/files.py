@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,21 +45,29 @@ def _remove(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, replace_dir: bool = False) -> Iterator[str]:
+def atomic_path(
+    path: str | os.PathLike, *, replace_dir: bool = False, shared: bool = False
+) -> Iterator[str]:
     """A temporary path beside `path` to write a file or a directory to; renamed onto `path`.
 
         with atomic_path("out.safetensors") as tmp:
             save_file(arrays, tmp)
 
     The temporary name is `<path>.tmp` (one left by a killed run is replaced by the next write
-    of `path`; only one process writes a given file). When the block succeeds it is renamed
+    of `path`; only one process writes a given file); with `shared`, where several processes
+    or threads may write `path` at once (the last rename wins), it is
+    `<path>.<pid>.<thread>.tmp` and another writer's is left alone (the directory's owner
+    removes those of killed writers). When the block succeeds it is renamed
     onto `path` (an existing file is replaced; an existing directory only with
     `replace_dir`); when it raises, the temporary file or directory is removed and `path`
     keeps what it held.
     """
     path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    _remove(tmp)
+    if shared:
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    else:
+        tmp = f"{path}.tmp"
+        _remove(tmp)
     try:
         yield tmp
         if replace_dir and os.path.isdir(path) and not os.path.islink(path):
@@ -69,15 +78,17 @@ def atomic_path(path: str | os.PathLike, *, replace_dir: bool = False) -> Iterat
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+def atomic_writer(
+    path: str | os.PathLike, mode: str = "w", *, shared: bool = False
+) -> Iterator[Any]:
     """Opens a temporary file for writing that becomes `path` once the block succeeds."""
-    with atomic_path(path) as tmp, open(tmp, mode) as f:
+    with atomic_path(path, shared=shared) as tmp, open(tmp, mode) as f:
         yield f
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-    """Writes `data` to `path` atomically (see `atomic_path`)."""
-    with atomic_writer(path, "wb" if isinstance(data, bytes) else "w") as f:
+def atomic_write(path: str | os.PathLike, data: str | bytes, *, shared: bool = False) -> None:
+    """Writes `data` to `path` atomically (see `atomic_path`, also for `shared`)."""
+    with atomic_writer(path, "wb" if isinstance(data, bytes) else "w", shared=shared) as f:
         f.write(data)
 
 

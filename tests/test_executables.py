@@ -334,3 +334,18 @@ def test_the_cache_s_own_layer_unpickles_no_function():
         cache_files.restricted_loads(pickle.dumps(Evil()))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         cache_files.restricted_loads(pickle.dumps(jax.jit))  # a function of an allowed package
+
+
+def test_shared_atomic_write_leaves_other_writers_temporaries(tmp_path):
+    from ddpm_jax import files
+
+    path = tmp_path / "entry.jaxexec"
+    other = tmp_path / "entry.jaxexec.tmp"  # another writer's (unshared) temporary file
+    other.write_bytes(b"theirs")
+    files.atomic_write(path, b"mine", shared=True)
+    assert path.read_bytes() == b"mine" and other.read_bytes() == b"theirs"
+    with pytest.raises(RuntimeError), files.atomic_path(path, shared=True) as tmp:
+        open(tmp, "wb").close()
+        raise RuntimeError
+    assert path.read_bytes() == b"mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry.jaxexec", "entry.jaxexec.tmp"]

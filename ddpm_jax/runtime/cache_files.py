@@ -20,7 +20,6 @@ directory (it warns once and compiles instead), and creates its own directory wi
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -29,8 +28,9 @@ import os
 import pickle
 import stat
 import struct
-import threading
 from typing import Any
+
+from ddpm_jax import files
 
 MAGIC = b"ddpm_jax executable 1\n"
 # The top-level packages whose classes a cache file's own layer may name (pytree node types
@@ -105,17 +105,13 @@ def unpack(data: bytes) -> tuple[bytes, dict]:
 
 
 def write_file(path: str, data: bytes) -> bool:
-    """Writes `data` to `path` atomically (a unique temporary name, renamed), the directory
-    created with mode 0700; False (logged) if it cannot be written."""
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    """Writes `data` to `path` atomically (`files.atomic_write` with `shared`: writers of other
+    processes may race for the same entry), the directory created with mode 0700; False
+    (logged) if it cannot be written."""
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        files.atomic_write(path, data, shared=True)
         return True
     except OSError as e:
         logging.warning("Executable cache: cannot write %s (%s).", path, e)
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         return False
