@@ -236,12 +236,19 @@ class ExecutableCache:
                 os.remove(path)
 
 
-def _read_and_load(path: str, entry: str) -> tuple[dict, jax.stages.Compiled]:
-    """(header, executable) of the file at `path`, checked whole and of `entry` before it is
-    deserialized; raises FileNotFoundError, or ValueError and the like for a bad file."""
+def _read_entry(path: str, entry: str) -> tuple[bytes, dict]:
+    """(payload, header) of the file at `path`, checked whole and holding `entry`; raises
+    FileNotFoundError, or ValueError for a file of another entry or a bad one."""
     payload, header = unpack(read_owned(path))
     if header.get("entry") != entry:  # a hash collision, or a file put there by hand.
         raise ValueError("it holds another program")
+    return payload, header
+
+
+def _read_and_load(path: str, entry: str) -> tuple[dict, jax.stages.Compiled]:
+    """(header, executable) of the file at `path`, checked whole and of `entry` before it is
+    deserialized; raises FileNotFoundError, or ValueError and the like for a bad file."""
+    payload, header = _read_entry(path, entry)
     serialized, in_tree, out_tree = restricted_loads(payload)
     by_id = {d.id: d for d in jax.devices()}
     devices = [by_id[i] for i in header["devices"]] if header.get("devices") else None
@@ -407,8 +414,8 @@ def cached_eval_shape(
         path = cache.path(name, key)
         sig = describe_signature(signature(args))
         try:
-            payload, header = unpack(read_owned(path))
-            if header.get("entry") != cache.entry(name, key) or header.get("signature") != sig:
+            payload, header = _read_entry(path, cache.entry(name, key))
+            if header.get("signature") != sig:
                 raise ValueError("it holds other shapes")
             treedef, leaves = restricted_loads(payload)
             return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
